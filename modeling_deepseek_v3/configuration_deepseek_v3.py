@@ -1,0 +1,221 @@
+"""DeepSeek-V3 configuration.
+
+Accepts every key of the published `config.json` (DeepSeek-V3, V3-0324, R1 share it: `rope_scaling`, `rope_theta`,
+`scoring_func`, `topk_method`, `num_nextn_predict_layers`, `quantization_config`, ...) and the configs written by
+transformers' built-in DeepseekV3 (`rope_parameters`, `rope_interleave`, `num_mtp_layers`).
+"""
+
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
+class DeepseekV3Config(PreTrainedConfig):
+    r"""
+    Configuration of a DeepSeek-V3 model. Defaults are those of the published 671B checkpoint.
+
+    Architecture keys (names as in the published `config.json`):
+        q_lora_rank / kv_lora_rank: ranks of the MLA query / key-value compressions (`q_lora_rank=None` means a
+            full-rank `q_proj`). The KV cache holds `kv_lora_rank + qk_rope_head_dim` values per token and layer.
+        qk_nope_head_dim / qk_rope_head_dim / v_head_dim: per-head query-key dims without and with rotary embedding
+            (decoupled RoPE), and the value head dim.
+        n_routed_experts / n_shared_experts / num_experts_per_tok / moe_intermediate_size: the DeepSeekMoE layer.
+        n_group / topk_group: node-limited routing: experts are split into `n_group` groups, each token may only
+            use experts of its `topk_group` best groups (a group's score is the sum of its top-2 expert scores).
+        scoring_func ("sigmoid" or "softmax"), topk_method ("noaux_tc" for V3's bias-corrected selection,
+            "group_limited_greedy" / "greedy" for V2-style routing), norm_topk_prob, routed_scaling_factor.
+        first_k_dense_replace / moe_layer_freq: the first `first_k_dense_replace` layers use a dense MLP, after
+            that every `moe_layer_freq`-th layer is MoE.
+        num_nextn_predict_layers: number of Multi-Token Prediction modules (stored as extra layers after
+            `num_hidden_layers`).
+
+    Training keys (ours):
+        mtp_loss_weight: weight lambda of the mean MTP loss added to the main loss (0.3 as in the paper's first
+            phase; 0 disables the MTP forward entirely).
+        seq_aux_loss_alpha: alpha of the complementary sequence-wise balance loss (paper eq. 17-20; 0 = off).
+            The published configs carry `aux_loss_alpha=0.001` and `seq_aux=true` (pre-training values); they are
+            kept for reference only, so fine-tuning a published checkpoint adds no balance loss unless asked.
+    """
+
+    model_type = "deepseek_v3"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "num_local_experts": "n_routed_experts",
+        "num_mtp_layers": "num_nextn_predict_layers",
+    }
+    base_model_tp_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = 128
+    n_shared_experts: int | None = 1
+    n_routed_experts: int | None = 256
+    ep_size: int = 1
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int | None = 8
+    topk_group: int | None = 4
+    num_experts_per_tok: int | None = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    seq_aux_loss_alpha: float | None = None
+    mtp_loss_weight: float = 0.3
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pretraining_tp: int | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    output_router_logits: bool = False
+    quantization_config: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        # Published configs say `rope_scaling: {"type": "yarn", ...}` + `rope_theta`; the base class folds both into
+        # `rope_parameters` (the transformers-5 format) and we default to plain RoPE with theta 10000.
+        if self.rope_parameters is None and kwargs.get("rope_theta") is None:
+            kwargs["rope_theta"] = 10000.0
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        # Keys the built-in attention interface and generation utilities read.
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.head_dim = self.qk_rope_head_dim
+        self.validate_architecture()
+
+    @property
+    def effective_seq_aux_loss_alpha(self) -> float:
+        """alpha of the sequence-wise balance loss actually used in training (0 = off)."""
+        if self.seq_aux_loss_alpha is not None:
+            return float(self.seq_aux_loss_alpha)
+        return 0.0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` uses DeepSeekMoE (MTP layers use the rule of the last layer index)."""
+        return (
+            self.n_routed_experts is not None
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    def validate_architecture(self):
+        """Raise a `ValueError` naming the key, its value and the constraint it breaks."""
+
+        def fail(key, value, constraint):
+            raise ValueError(f"DeepseekV3Config: `{key}`={value!r} is invalid: {constraint}")
+
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "qk_nope_head_dim",
+            "moe_layer_freq",
+        ]
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                fail(key, value, "must be a positive integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or null for a full-rank q_proj")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary dims come in pairs)")
+        if self.num_nextn_predict_layers < 0:
+            fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "must be >= 0")
+        if self.first_k_dense_replace < 0:
+            fail("first_k_dense_replace", self.first_k_dense_replace, "must be >= 0")
+        if self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", self.mtp_loss_weight, "must be >= 0 (0 disables the MTP loss)")
+        if self.seq_aux_loss_alpha is not None and self.seq_aux_loss_alpha < 0:
+            fail("seq_aux_loss_alpha", self.seq_aux_loss_alpha, "must be >= 0 (0 disables the balance loss)")
+        if self.scoring_func not in SCORING_FUNCS:
+            fail("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            fail("topk_method", self.topk_method, f"must be one of {TOPK_METHODS}")
+        if self.n_routed_experts is None:
+            return
+        for key in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                fail(key, value, "must be a positive integer")
+        if self.n_shared_experts is not None and self.n_shared_experts < 0:
+            fail("n_shared_experts", self.n_shared_experts, "must be >= 0")
+        n_group = self.n_group or 1
+        topk_group = self.topk_group or 1
+        if n_group <= 0:
+            fail("n_group", self.n_group, "must be a positive integer")
+        if self.n_routed_experts % n_group:
+            fail(
+                "n_routed_experts",
+                self.n_routed_experts,
+                f"must be divisible by n_group={n_group} (experts are split into equal groups)",
+            )
+        if not 0 < topk_group <= n_group:
+            fail("topk_group", self.topk_group, f"must be in [1, n_group={n_group}]")
+        experts_per_group = self.n_routed_experts // n_group
+        if self.topk_method == "noaux_tc" and experts_per_group < 2 and n_group > 1:
+            fail(
+                "n_group",
+                n_group,
+                f"leaves {experts_per_group} expert per group; group scores sum the top-2 experts of a group",
+            )
+        selectable = topk_group * experts_per_group if self.topk_method != "greedy" else self.n_routed_experts
+        if self.num_experts_per_tok > selectable:
+            fail(
+                "num_experts_per_tok",
+                self.num_experts_per_tok,
+                f"must be <= the {selectable} experts of the topk_group={topk_group} selected groups "
+                f"({experts_per_group} experts per group)",
+            )
+
+
+__all__ = ["DeepseekV3Config"]

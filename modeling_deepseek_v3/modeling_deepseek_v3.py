@@ -1,0 +1,325 @@
+"""DeepSeek-V3 model classes: `DeepseekV3Model` (the decoder stack + MTP modules) and `DeepseekV3ForCausalLM`.
+
+The paper's concepts live in their own modules: MLA in `attention.py`, routing/experts in `moe.py`, Multi-Token
+Prediction in `mtp.py`, YaRN in `rope.py`. This file wires them together with the transformers conventions
+(`PreTrainedModel`, caches, masks, outputs, `_init_weights`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_deepseek_v3 import DeepseekV3Config
+from .decoder_layer import DeepseekV3DecoderLayer
+from .layers import DeepseekV3RMSNorm
+from .moe import DeepseekV3Experts, DeepseekV3MoE, DeepseekV3TopkRouter, RouterOutput
+from .mtp import DeepseekV3MultiTokenPredictionLayer
+from .rope import DeepseekV3RotaryEmbedding, compute_inv_freq
+
+# Copies of the shared embedding / output head that the published checkpoints keep inside each MTP layer.
+MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+@dataclass
+class DeepseekV3ModelOutput(MoeModelOutputWithPast):
+    """`mtp_hidden_states`: per MTP depth k, shared_head.norm(h^k) [B, S, D] (position t predicts token t+k+1).
+    `router_outputs`: per MoE layer (main layers first, then MTP blocks), the routing decisions."""
+
+    mtp_hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+@dataclass
+class DeepseekV3CausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`loss` = main next-token loss + mtp_loss_weight * mtp_loss + aux_loss (sequence-wise balance loss).
+    `main_loss` / `mtp_loss` are reported separately; `router_stats` [num_moe_layers, n_routed_experts] counts the
+    tokens routed to each expert in this forward (when `output_router_stats=True`)."""
+
+    main_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    mtp_logits: tuple[torch.Tensor, ...] | None = None
+    router_stats: torch.Tensor | None = None
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config: DeepseekV3Config
+    config_class = DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MultiTokenPredictionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # value head dim != query head dim
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, DeepseekV3TopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, DeepseekV3Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DeepseekV3RotaryEmbedding):
+            init.copy_(module.inv_freq, compute_inv_freq(module.config)[0])
+        else:  # nn.Linear (normal, zero bias), nn.Embedding (normal), RMSNorm (ones)
+            super()._init_weights(module)
+
+    def _ignore_layers_beyond_mtp(self):
+        """A checkpoint may hold more MTP layers than this config uses (e.g. num_nextn_predict_layers=0)."""
+        first_unused = self.config.num_hidden_layers + self.config.num_nextn_predict_layers
+        unused = "|".join(str(i) for i in range(first_unused, first_unused + 8))
+        self._keys_to_ignore_on_load_unexpected = list(self._keys_to_ignore_on_load_unexpected) + [
+            rf"model\.layers\.({unused})\."
+        ]
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        num_main = config.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [DeepseekV3DecoderLayer(config, i) for i in range(num_main)]
+            + [DeepseekV3MultiTokenPredictionLayer(config, num_main + k) for k in range(config.num_nextn_predict_layers)]
+        )
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekV3RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self._ignore_layers_beyond_mtp()
+        self.post_init()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.layers[self.config.num_hidden_layers :]
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        mtp_depth: int = 0,
+        **kwargs,
+    ) -> DeepseekV3ModelOutput:
+        """`mtp_depth`: how many MTP modules to run after the main stack (0 = none, the inference default)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if mtp_depth > len(self.mtp_layers):
+            raise ValueError(
+                f"mtp_depth={mtp_depth} but the model has num_nextn_predict_layers={len(self.mtp_layers)}"
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        router_outputs = []
+        for layer in self.decoder_layers:
+            hidden_states, routing = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            if routing is not None:
+                router_outputs.append(routing)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+
+        mtp_hidden_states = None
+        if mtp_depth:
+            mtp_hidden_states = []
+            previous = hidden_states
+            for k, layer in enumerate(self.mtp_layers[:mtp_depth], start=1):
+                # Emb(token_{t+k}) at position t; the last k positions have no such token (masked in the loss).
+                next_embeds = torch.roll(inputs_embeds, shifts=-k, dims=1)
+                block_out, routing = layer(
+                    previous, next_embeds, position_embeddings=position_embeddings, attention_mask=causal_mask, **kwargs
+                )
+                if routing is not None:
+                    router_outputs.append(routing)
+                previous = layer.shared_head(block_out)
+                mtp_hidden_states.append(previous)
+            mtp_hidden_states = tuple(mtp_hidden_states)
+
+        return DeepseekV3ModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden_states,
+            mtp_hidden_states=mtp_hidden_states,
+            router_outputs=tuple(router_outputs),
+        )
+
+
+def shift_labels_for_mtp(labels: torch.Tensor, depth: int, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for MTP depth k: the causal-LM loss shifts by one, so shifting by k more targets token t+k+1."""
+    pad = labels.new_full((labels.shape[0], depth), ignore_index)
+    return torch.cat((labels[:, depth:], pad), dim=1)
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._ignore_layers_beyond_mtp()
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_stats: bool = False,
+        return_mtp_logits: bool = False,
+        **kwargs,
+    ) -> DeepseekV3CausalLMOutputWithPast:
+        """With `labels`: loss = main loss + mtp_loss_weight * mean_k(MTP loss at depth k) + balance loss.
+        `return_mtp_logits=True` also returns each MTP depth's logits (the depth-k logits at position t predict
+        token t+k+1)."""
+        num_mtp = self.config.num_nextn_predict_layers
+        run_mtp = num_mtp > 0 and (return_mtp_logits or (labels is not None and self.config.mtp_loss_weight > 0))
+        outputs: DeepseekV3ModelOutput = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mtp_depth=num_mtp if run_mtp else 0,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = main_loss = mtp_loss = None
+        loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
+        if labels is not None:
+            main_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            loss = main_loss
+        mtp_logits = None
+        if run_mtp:
+            mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states)
+            if labels is not None and self.config.mtp_loss_weight > 0:
+                depth_losses = [
+                    self.loss_function(
+                        logits=depth_logits,
+                        labels=shift_labels_for_mtp(labels, k),
+                        vocab_size=self.config.vocab_size,
+                        **loss_kwargs,
+                    )
+                    for k, depth_logits in enumerate(mtp_logits, start=1)
+                ]
+                mtp_loss = torch.stack(depth_losses).mean()
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+
+        balance_losses = [r.balance_loss for r in outputs.router_outputs if r.balance_loss is not None]
+        aux_loss = torch.stack(balance_losses).sum() if balance_losses else None
+        if aux_loss is not None and loss is not None:
+            loss = loss + aux_loss.to(loss.dtype)
+
+        router_stats = None
+        if output_router_stats and outputs.router_outputs:
+            num_experts = self.config.n_routed_experts
+            router_stats = torch.stack(
+                [torch.bincount(r.topk_indices.flatten(), minlength=num_experts) for r in outputs.router_outputs]
+            )
+
+        return DeepseekV3CausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            main_loss=main_loss,
+            mtp_loss=mtp_loss,
+            mtp_logits=mtp_logits if return_mtp_logits else None,
+            router_stats=router_stats,
+        )
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """Also writes the MTP layers' copies of the shared embedding and head (`model.layers.{N}.embed_tokens.weight`,
+        `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them."""
+        if self.config.num_nextn_predict_layers and state_dict is None:
+            state_dict = self.state_dict()
+            embed = state_dict["model.embed_tokens.weight"]
+            head = state_dict.get("lm_head.weight", embed)
+            for k in range(self.config.num_nextn_predict_layers):
+                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+                state_dict[prefix + MTP_SHARED_COPIES[0]] = embed.detach().clone()
+                state_dict[prefix + MTP_SHARED_COPIES[1]] = head.detach().clone()
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+__all__ = [
+    "DeepseekV3PreTrainedModel",
+    "DeepseekV3Model",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3ModelOutput",
+    "DeepseekV3CausalLMOutputWithPast",
+    "DeepseekV3MoE",
+]

@@ -169,6 +169,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             )
             if routing is not None:
                 router_outputs.append(routing)
+                if self.training:
+                    layer.mlp.gate.record_load(routing.topk_indices)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -185,6 +187,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 )
                 if routing is not None:
                     router_outputs.append(routing)
+                    if self.training:
+                        layer.mlp.gate.record_load(routing.topk_indices)
                 previous = layer.shared_head(block_out)
                 mtp_hidden_states.append(previous)
             mtp_hidden_states = tuple(mtp_hidden_states)

@@ -9,7 +9,7 @@ Routing (`DeepseekV3TopkRouter`, checkpoint name `mlp.gate`), for each token:
   4. top-k of the eligible experts; gate weights are the raw affinities of the chosen experts, normalized to sum
      to 1 (norm_topk_prob) and multiplied by routed_scaling_factor.
 
-While training, the router counts how many tokens each expert received (`tokens_per_expert`, summed over forward
+While training, the model adds up how many tokens each expert received (`tokens_per_expert`, summed over forward
 passes until someone resets it): the balancing code in `deepseek_v3.trainers.balancing` turns those counts into bias updates.
 It can also compute the complementary sequence-wise balance loss (paper eqs. 17-20).
 
@@ -82,16 +82,18 @@ class DeepseekV3TopkRouter(nn.Module):
         topk_weights = topk_weights * self.routed_scaling_factor
 
         balance_loss = None
-        if self.training:
-            if self.track_expert_load:
-                with torch.no_grad():
-                    self.tokens_per_expert += torch.bincount(
-                        topk_indices.flatten(), minlength=self.num_experts
-                    ).to(self.tokens_per_expert.dtype)
-            alpha = self.config.effective_seq_aux_loss_alpha
-            if alpha > 0:
-                balance_loss = alpha * sequence_balance_loss(scores, topk_indices, batch_size, self.num_experts)
+        alpha = self.config.effective_seq_aux_loss_alpha
+        if self.training and alpha > 0:
+            balance_loss = alpha * sequence_balance_loss(scores, topk_indices, batch_size, self.num_experts)
         return RouterOutput(topk_indices, topk_weights, balance_loss)
+
+    @torch.no_grad()
+    def record_load(self, topk_indices: torch.Tensor) -> None:
+        """Add this forward's routed-token counts to `tokens_per_expert`. Called by the model once per forward
+        (not from `forward`, which gradient checkpointing re-runs during backward and would count twice)."""
+        if self.track_expert_load:
+            counts = torch.bincount(topk_indices.flatten(), minlength=self.num_experts)
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
 
 
 def sequence_balance_loss(

@@ -1,0 +1,237 @@
+"""Run tasks with a model backend: generation / log-likelihood, scoring, resumable outputs.
+
+Output directory layout::
+
+    <output_dir>/results.json             per-task metrics, sample counts, config, versions, timings
+    <output_dir>/<task>/samples.jsonl     one line per finished sample (prompt, completion, extracted answer,
+                                          correctness, ...), appended and flushed as soon as it is scored
+
+A rerun with the same output directory reads ``samples.jsonl`` and only runs the samples that are missing, so an
+interrupted run loses nothing. The generation settings are stored in ``<output_dir>/run_config.json``; resuming with
+different settings is refused (use another ``--output-dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import Task, get_task
+from .data import iter_jsonl_records
+
+RESUME_KEYS = ("model", "backend", "temperature", "top_p", "max_new_tokens", "num_samples", "chat", "num_fewshot",
+               "seed")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    from importlib import metadata
+
+    for pkg in ("deepseek-v3-hf", "torch", "transformers", "datasets", "math-verify", "vllm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class SampleWriter:
+    """Append-only jsonl writer; repairs a line truncated by an interruption before appending."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):  # drop the partial last line
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _check_resume(output_dir: Path, settings: dict, overwrite: bool) -> None:
+    path = output_dir / "run_config.json"
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if old.get(k) != settings.get(k)}
+        if diff:
+            raise ValueError(
+                f"{output_dir} holds samples from a run with different settings {diff} (old, new); use another "
+                "--output-dir, or --overwrite to discard the old samples"
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def evaluate_task(task: Task, backend, *, output_dir: Path, limit: int | None = None, num_samples: int = 1,
+                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                  batch_size: int = 8, progress: bool = True) -> dict:
+    """Run one task (resuming from ``<output_dir>/<task>/samples.jsonl``) and return its metrics and timings."""
+    from tqdm.auto import tqdm
+
+    t_start = time.monotonic()
+    docs = task.docs()[: limit] if limit else task.docs()
+    sample_path = output_dir / task.name / "samples.jsonl"
+    done: dict[tuple[str, int], dict] = {}
+    doc_ids = {d["task_id"] for d in docs}
+    for rec in iter_jsonl_records(sample_path):
+        if rec.get("task_id") in doc_ids:
+            done[(rec["task_id"], int(rec.get("sample_index", 0)))] = rec
+    n = 1 if task.output_type == "loglikelihood" else num_samples
+    pending = [(d, i) for d in docs for i in range(n) if (d["task_id"], i) not in done]
+    resumed = len(done)
+    writer = SampleWriter(sample_path)
+    t_model = 0.0
+    t_score = 0.0
+    max_new = max_new_tokens or task.default_max_new_tokens
+    try:
+        bar = tqdm(total=len(pending), desc=f"{task.name} ({task.output_type})", disable=not progress or not pending)
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            t0 = time.monotonic()
+            if task.output_type == "loglikelihood":
+                prompts, completions, extra = [], [], []
+                requests = [task.loglikelihood_requests(d) for d, _ in chunk]
+                flat = [(ctx, cont) for ctx, conts in requests for cont in conts]
+                lls = backend.loglikelihood(flat)
+                pos = 0
+                for (doc, _), (ctx, conts) in zip(chunk, requests):
+                    doc_lls = lls[pos:pos + len(conts)]
+                    pos += len(conts)
+                    prompts.append(ctx)
+                    completions.append(task.completion_from_loglikelihoods(doc, doc_lls))
+                    extra.append({"loglikelihoods": dict(zip(conts, doc_lls))})
+            else:
+                prompts = [task.build_prompt(d) for d, _ in chunk]
+                raw = backend.generate(prompts, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                                       stop=list(task.stop))
+                completions = [task.postprocess(r) for r in raw]
+                extra = [{} for _ in chunk]
+            t1 = time.monotonic()
+            scored = task.score_batch([(d, c) for (d, _), c in zip(chunk, completions)])
+            t_score += time.monotonic() - t1
+            t_model += t1 - t0
+            for (doc, i), prompt, completion, res, ext in zip(chunk, prompts, completions, scored, extra):
+                rec = {"task_id": doc["task_id"], "sample_index": i, "prompt": prompt, "completion": completion,
+                       **res, **ext}
+                writer.write(rec)
+                done[(doc["task_id"], i)] = rec
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        writer.close()
+    records: dict[str, list[dict]] = {}
+    for d in docs:
+        records[d["task_id"]] = [done[(d["task_id"], i)] for i in range(n) if (d["task_id"], i) in done]
+    metrics = task.aggregate(docs, records)
+    return {
+        "metrics": metrics,
+        "num_docs": len(docs),
+        "num_samples": sum(len(v) for v in records.values()),
+        "resumed_samples": resumed,
+        "new_samples": len(pending),
+        "config": {**task.config(), "max_new_tokens": max_new, "stop": list(task.stop)},
+        "timings": {"total_s": round(time.monotonic() - t_start, 3), "model_s": round(t_model, 3),
+                    "scoring_s": round(t_score, 3)},
+    }
+
+
+def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, data_dir: str | Path | None = None,
+                   backend: str = "hf", limit: int | None = None, num_samples: int = 1,
+                   max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                   batch_size: int = 8, chat: str = "auto", num_fewshot: int | None = None, seed: int = 0,
+                   ks: Sequence[int] = (1,), timeout: float = 10.0, workers: int | None = None,
+                   dtype: str = "auto", device: str | None = None, overwrite: bool = False, progress: bool = True,
+                   backend_obj: Any = None) -> dict:
+    """Evaluate ``model`` on ``tasks``; writes ``results.json`` and per-task ``samples.jsonl`` under ``output_dir``."""
+    from .base import list_tasks
+    from .sandbox import sandbox_capabilities
+
+    unknown = [t for t in tasks if t not in list_tasks()]
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown}; available tasks: {', '.join(list_tasks())}")
+    if chat not in ("auto", "on", "off"):
+        raise ValueError(f"chat must be 'auto', 'on' or 'off', got {chat!r}")
+    output_dir = Path(output_dir)
+    if overwrite and output_dir.exists():
+        for t in tasks:
+            p = output_dir / t / "samples.jsonl"
+            if p.exists():
+                p.unlink()
+    settings = {"model": model, "backend": backend, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "num_samples": num_samples, "chat": chat,
+                "num_fewshot": num_fewshot, "seed": seed}
+    _check_resume(output_dir, settings, overwrite)
+
+    import torch
+
+    torch.manual_seed(seed)
+    if backend_obj is None:
+        from .backends import load_backend
+
+        kwargs: dict[str, Any] = {"dtype": dtype, "seed": seed}
+        if backend == "hf":
+            kwargs.update(device=device, batch_size=batch_size)
+        backend_obj = load_backend(backend, model, **kwargs)
+    use_chat = chat == "on" or (chat == "auto" and bool(getattr(backend_obj, "has_chat_template", False)))
+    if temperature == 0 and num_samples > 1:
+        print(f"warning: {num_samples} samples per problem with greedy decoding are identical; "
+              "set --temperature > 0 for pass@k", file=sys.stderr)
+
+    results_path = output_dir / "results.json"
+    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results: dict[str, Any] = {
+        "results": dict(previous.get("results", {})),
+        "tasks": dict(previous.get("tasks", {})),
+        "config": {**settings, "limit": limit, "batch_size": batch_size, "chat_resolved": use_chat,
+                   "data_dir": str(data_dir) if data_dir else None, "ks": list(ks), "timeout": timeout,
+                   "sampling": "greedy" if temperature == 0 else f"sampling(temperature={temperature}, top_p={top_p})",
+                   "backend_info": backend_obj.describe() if hasattr(backend_obj, "describe") else {}},
+        "versions": versions(),
+        "sandbox": sandbox_capabilities(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    for name in tasks:
+        task = get_task(name, chat=use_chat, num_fewshot=num_fewshot, data_dir=data_dir, ks=ks, timeout=timeout,
+                        workers=workers, progress=progress)
+        out = evaluate_task(task, backend_obj, output_dir=output_dir, limit=limit, num_samples=num_samples,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            batch_size=batch_size, progress=progress)
+        results["results"][name] = out.pop("metrics")
+        results["tasks"][name] = out
+        tmp = results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, results_path)
+    print(format_table(results, tasks))
+    return results
+
+
+def format_table(results: dict, tasks: Sequence[str] | None = None) -> str:
+    tasks = list(tasks or results["results"])
+    rows = [("task", "metric", "value", "docs", "samples")]
+    for name in tasks:
+        m = results["results"][name]
+        info = results.get("tasks", {}).get(name, {})
+        for key, value in m.items():
+            if isinstance(value, float) and key not in ("num_docs", "num_samples"):
+                rows.append((name, key + (" *" if key == "score" else ""), f"{value:.4f}",
+                             str(info.get("num_docs", m.get("num_docs", ""))), str(m.get("num_samples", ""))))
+        for cat, value in m.get("categories", {}).items():
+            rows.append((name, f"category/{cat}", f"{value:.4f}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -22,6 +22,9 @@ import torch
 from ._triton_utils import HAS_TRITON, resolve_backend, tl, triton
 from .fp8_quant import BLOCK_SIZE, FP8_DTYPE, _cdiv
 
+if HAS_TRITON:
+    from .fp8_quant import _cast_out
+
 _FP8_DTYPES = (torch.float8_e4m3fn,)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -136,6 +139,7 @@ if HAS_TRITON:
         stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_BLOCK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -145,7 +149,7 @@ if HAS_TRITON:
             B_BLOCK_SCALE, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(c_ptrs, _cast_out(acc, OUT_BF16).to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _fp8_grouped_gemm_kernel(
@@ -153,6 +157,7 @@ if HAS_TRITON:
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
         B_BLOCK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):  # fmt: skip
         """One program = one (row tile of one expert, column tile). Row tiles never straddle two experts."""
         pid_t = tl.program_id(0)
@@ -166,7 +171,7 @@ if HAS_TRITON:
             B_BLOCK_SCALE, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(c_ptrs, _cast_out(acc, OUT_BF16).to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _tile_sizes(M: int, N: int) -> tuple[int, int]:
@@ -186,6 +191,7 @@ def _fp8_gemm_triton(a, a_s, b, b_s, out_dtype):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
         B_BLOCK_SCALE=_b_is_block_scaled(b_s, N), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_SIZE,
+        OUT_BF16=out_dtype == torch.bfloat16,
     )  # fmt: skip
     return c
 
@@ -217,6 +223,7 @@ def _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2),
         B_BLOCK_SCALE=_b_is_block_scaled(b_s, N), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_SIZE,
+        OUT_BF16=out_dtype == torch.bfloat16,
     )  # fmt: skip
     return c
 

@@ -28,8 +28,8 @@ from ._triton_utils import HAS_TRITON, resolve_backend, tl, triton
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK_SIZE = 128
-# smallest amax used to build a scale: keeps all-zero tiles finite (scale = AMAX_EPS / 448, q = 0).
-AMAX_EPS = 1e-12
+# smallest amax used to build a scale (tiles below it are flushed towards 0): keeps all-zero tiles finite.
+AMAX_EPS = 1e-30
 ACT_LAYOUTS = ("1x128", "128x1")
 
 
@@ -121,6 +121,20 @@ if HAS_TRITON:
         return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
     @triton.jit
+    def _round_to_bf16(y):
+        """Round fp32 to the nearest bf16 value (ties to even), staying in fp32, so the store's cast is exact
+        (the Triton interpreter truncates on fp32 -> bf16 casts; GPUs round to nearest even)."""
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _cast_out(y, OUT_BF16: tl.constexpr):
+        if OUT_BF16:
+            y = _round_to_bf16(y)
+        return y
+
+    @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, M, K,
         stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk,
@@ -172,7 +186,7 @@ if HAS_TRITON:
     def _weight_dequant_kernel(
         q_ptr, s_ptr, w_ptr, N, K,
         stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk, stride_we, stride_wn, stride_wk,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -183,7 +197,7 @@ if HAS_TRITON:
         q = tl.load(q_ptr + pid_e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk,
                     mask=mask, other=0.0).to(tl.float32)  # fmt: skip
         s = tl.load(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk)
-        w = q * s
+        w = _cast_out(q * s, OUT_BF16)
         tl.store(w_ptr + pid_e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                  w.to(w_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
@@ -227,7 +241,8 @@ def _weight_dequant_triton(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype)
     E, N, K = q3.shape
     w = torch.empty((E, N, K), dtype=dtype, device=q.device)
     grid = (_cdiv(N, BLOCK_SIZE), _cdiv(K, BLOCK_SIZE), E)
-    _weight_dequant_kernel[grid](q3, s3, w, N, K, *q3.stride(), *s3.stride(), *w.stride(), BLOCK=BLOCK_SIZE)
+    _weight_dequant_kernel[grid](q3, s3, w, N, K, *q3.stride(), *s3.stride(), *w.stride(), BLOCK=BLOCK_SIZE,
+                                 OUT_BF16=dtype == torch.bfloat16)
     return w if q.dim() == 3 else w[0]
 
 

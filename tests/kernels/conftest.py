@@ -1,0 +1,14 @@
+"""Kernel tests run on CPU through the Triton interpreter; the variable must be set before triton is imported."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

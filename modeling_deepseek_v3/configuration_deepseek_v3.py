@@ -32,6 +32,10 @@ class DeepseekV3Config(PreTrainedConfig):
         num_nextn_predict_layers: number of Multi-Token Prediction modules (stored as extra layers after
             `num_hidden_layers`).
 
+    Inference keys (ours):
+        mla_absorb: "auto" (absorbed MLA for decode steps over a cache, expanded path for prefill/training), "on" or
+            "off" to force one path (both give the same results; see `attention.py`).
+
     Training keys (ours):
         mtp_loss_weight: weight lambda of the mean MTP loss added to the main loss (0.3 as in the paper's first
             phase; 0 disables the MTP forward entirely).
@@ -108,6 +112,7 @@ class DeepseekV3Config(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     output_router_logits: bool = False
     quantization_config: dict | None = None
+    mla_absorb: str = "auto"
 
     def __post_init__(self, **kwargs):
         # Published configs say `rope_scaling: {"type": "yarn", ...}` + `rope_theta`; the base class folds both into
@@ -167,6 +172,9 @@ class DeepseekV3Config(PreTrainedConfig):
                 fail(key, value, "must be a positive integer")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or null for a full-rank q_proj")
+        rope_kind = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_kind not in ("default", "yarn"):
+            fail("rope_parameters.rope_type", rope_kind, "must be 'default' or 'yarn' (DeepSeek-V3 uses YaRN)")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary dims come in pairs)")
         if self.num_nextn_predict_layers < 0:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import require_file
+from data_files import require_file
 from deepseek_v3.eval import get_task, score_predictions
 from deepseek_v3.eval.mmlu import LETTERS, SUBJECTS
 from deepseek_v3.eval.runner import evaluate_task

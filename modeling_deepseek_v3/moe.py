@@ -51,6 +51,18 @@ class DeepseekV3TopkRouter(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
         self.track_expert_load = True
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` must not cast the balancing state: bf16 counts are exact only up to
+        # 256 and bf16 biases would swallow gamma=0.001 updates. Keep both buffers fp32 (devices still follow `fn`).
+        names = ("e_score_correction_bias", "tokens_per_expert")
+        fp32 = {name: self._buffers[name] for name in names}
+        super()._apply(fn, recurse)
+        for name in names:
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = fp32[name].to(device=buffer.device, dtype=torch.float32)
+        return self
+
     def affinities(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, D] -> token-to-expert affinities [N, E] in fp32."""
         logits = F.linear(hidden_states.float(), self.weight.float())

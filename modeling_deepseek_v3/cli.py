@@ -6,6 +6,7 @@ lazily so that ``deepseek-v3 info`` does not pay for importing the eval harness 
 - ``info``     -- parameter / memory / KV-cache accounting of a config (``deepseek_v3.info``)
 - ``eval``     -- benchmark harness (``deepseek_v3.eval.cli``)
 - ``convert``  -- FP8 <-> BF16 checkpoint conversion (``deepseek_v3.kernels.cli``)
+- ``train``    -- TRL SFT / GRPO / R1 distillation from YAML recipes (``deepseek_v3.trainers.cli``)
 - ``demo``     -- tiny end-to-end train / save / reload / generate run (``deepseek_v3.trainers.demo``)
 """
 
@@ -21,6 +22,7 @@ SUBCOMMAND_MODULES = {
     "deepseek_v3.eval.cli": ("eval", "run or score benchmarks (MMLU, MATH-500, GSM8K, HumanEval, ...)"),
     "deepseek_v3.kernels.cli": ("convert", "convert checkpoints between FP8 (block-wise e4m3) and BF16"),
     "deepseek_v3.trainers.demo": ("demo", "train a tiny model a few steps, save, reload and generate"),
+    "deepseek_v3.trainers.cli": ("train", "SFT / GRPO / distillation with TRL, from YAML recipes"),
 }
 
 

@@ -1,0 +1,119 @@
+"""TRL scripts (SFT, GRPO, R1 distillation) on the tiny model with the local GSM8K/MATH-500/HumanEval files, and
+the R1 rule rewards."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+from data_files import require_file
+
+from deepseek_v3.cli import main as cli_main
+from deepseek_v3.trainers import rewards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_train(data_dir) -> str:
+    return str(require_file(data_dir / "gsm8k" / "train.jsonl"))
+
+
+def read_jsonl(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_format_reward():
+    completions = [
+        "<think>\n2 + 2 = 4\n</think>\nThe answer is \\boxed{4}.",
+        [{"role": "assistant", "content": "<think>x</think> 4"}],
+        "The answer is 4.",
+        "<think>a</think><think>b</think> 4",
+        "<think>only thinking</think>",
+    ]
+    assert rewards.format_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_math_reward_on_real_math500(data_dir):
+    rows = read_jsonl(require_file(data_dir / "math500" / "test.jsonl"))[:20]
+    gold = [r["answer"] for r in rows]
+    right = [f"<think>...</think> The answer is $\\boxed{{{a}}}$." for a in gold]
+    wrong = right[1:] + right[:1]
+    assert rewards.math_accuracy_reward(right, answer=gold) == [1.0] * 20
+    assert sum(rewards.math_accuracy_reward(wrong, answer=gold)) <= 2
+    # the answer must come after the reasoning block
+    assert rewards.math_accuracy_reward([f"<think>\\boxed{{{gold[0]}}}</think> no idea"], answer=gold[:1]) == [0.0]
+
+
+def test_gsm8k_reward_on_real_rows(gsm8k_train):
+    rows = read_jsonl(gsm8k_train)[:10]
+    answers = [r["answer"] for r in rows]
+    right = [f"<think>calc</think> #### {a.split('####')[-1].strip()}" for a in answers]
+    assert rewards.gsm8k_accuracy_reward(right, answer=answers) == [1.0] * 10
+    assert rewards.gsm8k_accuracy_reward(["#### -1"], answer=answers[:1]) == [0.0]
+
+
+def test_code_reward_with_sandbox(data_dir):
+    task = read_jsonl(require_file(data_dir / "humaneval" / "HumanEval.jsonl.gz"))[0]
+    good = f"<think>easy</think>\n```python\n{task['prompt']}{task['canonical_solution']}\n```"
+    bad = f"```python\n{task['prompt']}    return None\n```"
+    scores = rewards.code_reward(
+        [good, bad, "no code"], test=[task["test"]] * 3, entry_point=[task["entry_point"]] * 3
+    )
+    assert scores == [1.0, 0.0, 0.0]
+
+
+def test_unknown_reward_name():
+    with pytest.raises(ValueError, match="reward_funcs=\\['accuracy'\\] unknown"):
+        rewards.get_reward_funcs(["accuracy"])
+
+
+def test_sft_recipe_trains_tiny_model(tmp_path, gsm8k_train):
+    out = tmp_path / "sft"
+    cli_main(
+        ["train", "sft", "--config", str(REPO / "recipes" / "sft_tiny.yaml"), "--dataset_name", gsm8k_train,
+         "--max_samples", "16", "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "512",
+         "--output_dir", str(out), "--save_steps", "100", "--logging_steps", "1"]
+    )
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    losses = [log["loss"] for log in state["log_history"] if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert (out / "model.safetensors").exists()
+
+
+def test_grpo_recipe_runs(tmp_path, gsm8k_train):
+    out = tmp_path / "grpo"
+    cli_main(
+        ["train", "grpo", "--config", str(REPO / "recipes" / "grpo_tiny.yaml"), "--dataset_name", gsm8k_train,
+         "--max_samples", "8", "--max_steps", "2", "--per_device_train_batch_size", "2", "--num_generations", "2",
+         "--max_completion_length", "8", "--output_dir", str(out)]
+    )
+    assert (out / "model.safetensors").exists()
+
+
+def test_distill_traces_resume_and_filter(tmp_path, gsm8k_train):
+    from deepseek_v3.trainers.distill import DistillScriptArguments, build_student_dataset, generate_traces
+
+    args = DistillScriptArguments(
+        teacher_name_or_path="tiny", dataset_name=gsm8k_train, max_samples=4, max_new_tokens=6,
+        generation_batch_size=2, num_samples_per_prompt=2, filter_reward="gsm8k_accuracy",
+    )
+    traces = tmp_path / "traces.jsonl"
+    generate_traces(args, str(traces))
+    records = read_jsonl(traces)
+    assert len(records) == 8 and {r["prompt_index"] for r in records} == {0, 1, 2, 3}
+    generate_traces(args, str(traces))  # resume: everything is done, nothing is generated again
+    assert len(read_jsonl(traces)) == 8
+    # a random tiny teacher is never right: rejection sampling keeps nothing and says so
+    assert not any(r["kept"] for r in records)
+    with pytest.raises(ValueError, match="no teacher trace"):
+        build_student_dataset(args, str(traces))
+    # with a correct trace appended, only that one is kept
+    answer = read_jsonl(gsm8k_train)[0]["answer"].split("####")[-1].strip()
+    with open(traces, "a") as f:
+        f.write(json.dumps({"prompt_index": 0, "prompt": "q", "completion": f"#### {answer}", "reward": 1.0, "kept": True}) + "\n")
+    dataset = build_student_dataset(args, str(traces))
+    assert len(dataset) == 1 and dataset[0]["completion"][0]["content"] == f"#### {answer}"

@@ -1,0 +1,137 @@
+"""R1-style distillation: a teacher writes reasoning traces, a rule reward keeps the correct ones (rejection
+sampling, as for DeepSeek-R1's 800k SFT samples), and the student is fine-tuned on them with `SFTTrainer`.
+
+Traces are appended to `traces_file` (jsonl) as soon as each batch is generated, so an interrupted run resumes
+where it stopped.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import DataArguments, ModelArguments, load_dataset_split, load_model_and_tokenizer, to_conversation
+from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
+
+
+@dataclass
+class DistillScriptArguments(ModelArguments, DataArguments):
+    teacher_name_or_path: str = field(default="tiny", metadata={"help": "checkpoint / hub id of the teacher"})
+    num_samples_per_prompt: int = 1
+    max_new_tokens: int = 512
+    temperature: float = 0.6
+    top_p: float = 0.95
+    generation_batch_size: int = 8
+    filter_reward: str | None = field(
+        default="gsm8k_accuracy", metadata={"help": "reward that must be 1.0 to keep a trace (None keeps all)"}
+    )
+    traces_file: str | None = field(default=None, metadata={"help": "default: <output_dir>/traces.jsonl"})
+    system_prompt: str | None = field(default=R1_SYSTEM_PROMPT)
+    seed: int = 0
+
+
+def _done_prompts(path: str) -> set[int]:
+    done = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["prompt_index"])
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by an interruption
+    return done
+
+
+@torch.no_grad()
+def generate_traces(args: DistillScriptArguments, traces_file: str) -> str:
+    teacher_args = ModelArguments(
+        model_name_or_path=args.teacher_name_or_path, model_dtype=args.model_dtype, attn_implementation="sdpa"
+    )
+    teacher, tokenizer = load_model_and_tokenizer(teacher_args)
+    teacher.eval()
+    tokenizer.padding_side = "left"
+    dataset = load_dataset_split(args)
+    reward = get_reward_funcs([args.filter_reward])[0] if args.filter_reward else None
+    done = _done_prompts(traces_file)
+    todo = [i for i in range(len(dataset)) if i not in done]
+    torch.manual_seed(args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(traces_file)), exist_ok=True)
+    with open(traces_file, "a") as out:
+        for start in tqdm(range(0, len(todo), args.generation_batch_size), desc="teacher traces"):
+            indices = todo[start : start + args.generation_batch_size]
+            rows = [dataset[i] for i in indices]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    to_conversation(r[args.prompt_column], args.system_prompt), tokenize=False, add_generation_prompt=True
+                )
+                for r in rows
+            ]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(teacher.device)
+            generated = teacher.generate(
+                **batch,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else None,
+                top_p=args.top_p if args.temperature > 0 else None,
+                num_return_sequences=args.num_samples_per_prompt,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for j, text in enumerate(texts):
+                row = rows[j // args.num_samples_per_prompt]
+                kept_reward = None
+                if reward is not None:
+                    columns = {k: [v] for k, v in row.items()}
+                    kept_reward = reward([text], **columns)[0]
+                record = {
+                    "prompt_index": indices[j // args.num_samples_per_prompt],
+                    "prompt": row[args.prompt_column],
+                    "completion": text,
+                    "reward": kept_reward,
+                    "kept": kept_reward is None or kept_reward >= 1.0,
+                }
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+    return traces_file
+
+
+def build_student_dataset(args: DistillScriptArguments, traces_file: str):
+    import datasets
+
+    with open(traces_file) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r["kept"]]
+    if not kept:
+        raise ValueError(
+            f"no teacher trace in {traces_file} passed filter_reward={args.filter_reward!r} "
+            f"({len(records)} generated); use a stronger teacher, more samples, or filter_reward=None"
+        )
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": to_conversation(r["prompt"], args.system_prompt),
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in kept
+        ]
+    )
+
+
+def main(argv: list[str] | None = None):
+    from trl import SFTConfig, SFTTrainer, TrlParser
+
+    script_args, training_args = TrlParser((DistillScriptArguments, SFTConfig)).parse_args_and_config(args=argv)
+    traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
+    generate_traces(script_args, traces_file)
+    student, tokenizer = load_model_and_tokenizer(script_args)
+    trainer = SFTTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=build_student_dataset(script_args, traces_file),
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer

@@ -1,0 +1,45 @@
+"""R1-style reinforcement learning with TRL's `GRPOTrainer` and rule-based rewards (accuracy + format)."""
+
+from dataclasses import dataclass, field
+
+from .common import DataArguments, ModelArguments, load_dataset_split, load_model_and_tokenizer, to_conversation
+from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
+
+
+@dataclass
+class GRPOScriptArguments(ModelArguments, DataArguments):
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["gsm8k_accuracy", "format"],
+        metadata={"help": "names from deepseek_v3.trainers.rewards.REWARD_FUNCS"},
+    )
+    system_prompt: str | None = field(default=R1_SYSTEM_PROMPT)
+
+
+def build_grpo_dataset(args: GRPOScriptArguments):
+    """Rows: `prompt` (conversation) plus the original columns, which the reward functions receive."""
+    dataset = load_dataset_split(args)
+    return dataset.map(lambda row: {"prompt": to_conversation(row[args.prompt_column], args.system_prompt)})
+
+
+def build_grpo_trainer(script_args: GRPOScriptArguments, training_args, callbacks=None):
+    from trl import GRPOTrainer
+
+    model, tokenizer = load_model_and_tokenizer(script_args)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        args=training_args,
+        train_dataset=build_grpo_dataset(script_args),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def main(argv: list[str] | None = None):
+    from trl import GRPOConfig, TrlParser
+
+    script_args, training_args = TrlParser((GRPOScriptArguments, GRPOConfig)).parse_args_and_config(args=argv)
+    trainer = build_grpo_trainer(script_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer

@@ -1,0 +1,88 @@
+"""DeepSeek-R1 rule-based rewards, as small plain functions with the GRPOTrainer signature
+`reward(completions, **dataset_columns) -> list[float]`.
+
+Completions may be plain strings or conversational (`[{"role": "assistant", "content": ...}]`). Scoring reuses
+the evaluation harness (`deepseek_v3.eval`): the math reward is exactly the MATH-500 metric (math-verify), the
+GSM8K reward the GSM8K flexible match, and the code reward runs the program in the same sandbox as HumanEval.
+"""
+
+import re
+
+from deepseek_v3.eval.code_utils import extract_code_block
+from deepseek_v3.eval.gsm8k import _same as _same_number
+from deepseek_v3.eval.gsm8k import extract_flexible
+from deepseek_v3.eval.math_grading import grade
+from deepseek_v3.eval.sandbox import run_code
+
+# R1's template: reasoning inside <think> ... </think>, then the answer (the paper's "format reward").
+THINK_FORMAT = re.compile(r"^\s*<think>(?!.*<think>).*?</think>\s*\S.*$", re.DOTALL)
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process is enclosed within <think> </think> tags, followed by the answer, i.e., "
+    "<think> reasoning process here </think> answer here. Put the final answer within \\boxed{}."
+)
+
+
+def completion_text(completion) -> str:
+    """The assistant text of a plain or conversational completion."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return completion[-1].get("content", "")
+    raise TypeError(f"completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def answer_part(text: str) -> str:
+    """What follows the reasoning block (the whole text when there is none)."""
+    return text.split("</think>", 1)[1] if "</think>" in text else text
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    """1.0 when the completion is `<think> reasoning </think> answer`, else 0.0."""
+    return [1.0 if THINK_FORMAT.match(completion_text(c)) else 0.0 for c in completions]
+
+
+def math_accuracy_reward(completions, answer, **kwargs) -> list[float]:
+    """1.0 when math-verify finds the gold `answer` column in the final answer (after </think>), else 0.0."""
+    return [float(grade(str(gold), answer_part(completion_text(c)))[1]) for c, gold in zip(completions, answer)]
+
+
+def gsm8k_accuracy_reward(completions, answer, **kwargs) -> list[float]:
+    """GSM8K: the last number of the final answer equals the gold number after '####' in the `answer` column."""
+    rewards = []
+    for completion, solution in zip(completions, answer):
+        gold = str(solution).split("####")[-1].strip().replace(",", "")
+        rewards.append(float(_same_number(extract_flexible(answer_part(completion_text(completion))), gold)))
+    return rewards
+
+
+def code_reward(completions, test, entry_point=None, timeout: float = 10.0, **kwargs) -> list[float]:
+    """1.0 when the last ```python block of the answer passes the `test` column's program in the sandbox.
+    HumanEval-style rows (with `entry_point`) get `check(entry_point)` appended."""
+    rewards = []
+    for i, completion in enumerate(completions):
+        code = extract_code_block(answer_part(completion_text(completion)))
+        if code is None:
+            rewards.append(0.0)
+            continue
+        program = f"{code}\n\n{test[i]}\n"
+        if entry_point is not None:
+            program += f"\ncheck({entry_point[i]})\n"
+        rewards.append(1.0 if run_code(program, timeout=timeout).passed else 0.0)
+    return rewards
+
+
+REWARD_FUNCS = {
+    "format": format_reward,
+    "math_accuracy": math_accuracy_reward,
+    "gsm8k_accuracy": gsm8k_accuracy_reward,
+    "code": code_reward,
+}
+
+
+def get_reward_funcs(names: list[str]) -> list:
+    unknown = [n for n in names if n not in REWARD_FUNCS]
+    if unknown:
+        raise ValueError(f"reward_funcs={unknown} unknown; choose from {sorted(REWARD_FUNCS)}")
+    return [REWARD_FUNCS[n] for n in names]

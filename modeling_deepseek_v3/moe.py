@@ -152,6 +152,18 @@ class DeepseekV3Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A plain `load_state_dict` of what `save_pretrained` wrote (the per-expert layout, e.g. Trainer's
+        # `resume_from_checkpoint`, which bypasses from_pretrained's converters) would silently skip every routed
+        # expert: fuse `{e}.gate_proj/up_proj/down_proj.weight` into our parameters first.
+        if f"{prefix}0.down_proj.weight" in state_dict and f"{prefix}down_proj" not in state_dict:
+            experts = range(self.num_experts)
+            gate = torch.stack([state_dict.pop(f"{prefix}{e}.gate_proj.weight") for e in experts])
+            up = torch.stack([state_dict.pop(f"{prefix}{e}.up_proj.weight") for e in experts])
+            state_dict[f"{prefix}gate_up_proj"] = torch.cat([gate, up], dim=1)
+            state_dict[f"{prefix}down_proj"] = torch.stack([state_dict.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, D], topk_indices/topk_weights [N, K] -> weighted sum of expert outputs [N, D]."""
         num_tokens, top_k = topk_indices.shape

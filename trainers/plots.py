@@ -26,8 +26,26 @@ def _pyplot():
 def plot_expert_load_heatmap(
     load: torch.Tensor, layer_labels: Sequence[str], path: str | os.PathLike, title: str | None = None
 ) -> str:
+    """Save `expert_load_heatmap_figure` as a PNG; returns the path written."""
+    return _save(expert_load_heatmap_figure(load, layer_labels, title), path)
+
+
+def plot_maxvio_curve(
+    history: Sequence[dict], layer_labels: Sequence[str], path: str | os.PathLike, title: str | None = None
+) -> str:
+    """Save `maxvio_figure` as a PNG; returns the path written."""
+    return _save(maxvio_figure(history, layer_labels, title), path)
+
+
+def _save(fig, path) -> str:
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return str(path)
+
+
+def expert_load_heatmap_figure(load: torch.Tensor, layer_labels: Sequence[str], title: str | None = None):
     """Heatmap of `load` [num_moe_layers, E] (token counts), one row per MoE layer, each row divided by its mean so
-    1.0 is a perfectly balanced expert. Returns the path written."""
+    1.0 is a perfectly balanced expert."""
     plt = _pyplot()
     load = torch.as_tensor(load).float().cpu()
     if load.dim() != 2 or load.shape[0] != len(layer_labels):
@@ -45,16 +63,12 @@ def plot_expert_load_heatmap(
     fig.colorbar(image, ax=ax, label="tokens / mean tokens per expert")
     ax.set_title(title or "Expert load")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return fig
 
 
-def plot_maxvio_curve(
-    history: Sequence[dict], layer_labels: Sequence[str], path: str | os.PathLike, title: str | None = None
-) -> str:
+def maxvio_figure(history: Sequence[dict], layer_labels: Sequence[str], title: str | None = None):
     """MaxVio of every MoE layer (and their mean) over optimizer steps, from `ExpertLoadBalancer.history`
-    entries {"step", "maxvio_step": [L], "maxvio_batch": [L]}. Returns the path written."""
+    entries {"step", "maxvio_step": [L], "maxvio_batch": [L]}."""
     plt = _pyplot()
     if not history:
         raise ValueError("history is empty: no optimizer step has been recorded yet")
@@ -76,9 +90,7 @@ def plot_maxvio_curve(
     ax.legend(fontsize="small", ncol=2 if len(layer_labels) > 6 else 1)
     ax.set_title(title or "Expert load violation per MoE layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return fig
 
 
 def save_balancing_plots(balancer, output_dir: str | os.PathLike, prefix: str = "moe") -> list[str]:
@@ -96,4 +108,10 @@ def save_balancing_plots(balancer, output_dir: str | os.PathLike, prefix: str = 
     return paths
 
 
-__all__ = ["plot_expert_load_heatmap", "plot_maxvio_curve", "save_balancing_plots"]
+__all__ = [
+    "expert_load_heatmap_figure",
+    "maxvio_figure",
+    "plot_expert_load_heatmap",
+    "plot_maxvio_curve",
+    "save_balancing_plots",
+]

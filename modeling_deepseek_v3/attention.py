@@ -5,6 +5,13 @@ latent vector c_kv per token (kv_a_proj_with_mqa -> RMSNorm), plus a single rope
 Only (c_kv, k_pe) -- kv_lora_rank + qk_rope_head_dim values per token and layer -- are cached. kv_b_proj
 expands c_kv into per-head no-rope keys and values.
 
+Two equivalent ways to attend (selected per call, see `DeepseekV3Attention.use_absorption`):
+- expanded (prefill, training): keys/values = kv_b_proj(c_kv) for every cached token, then standard attention.
+- absorbed (decode: short query over a cache): kv_b_proj's key half W_UK [H, dn, r] is folded into the query
+  (q_lat = q_nope W_UK, [B, H, S, r]) and its value half W_UV [H, dv, r] is applied after attention, so attention
+  runs directly over the cached latent: score = (q_lat . c_kv + q_pe . k_pe) * scale, o = (softmax . c_kv) W_UV^T.
+  A step costs O(T * H * (2r + dr)) instead of O(T * r * H * (dn + dv)) for re-expanding the cache.
+
 Shapes: B batch, S query length, T cached length, H heads, r kv_lora_rank, dn qk_nope_head_dim,
 dr qk_rope_head_dim, dv v_head_dim.
 """
@@ -39,6 +46,48 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+ABSORB_MODES = ("auto", "on", "off")
+DECODE_BACKENDS = ("auto", "torch", "triton")
+
+
+def attention_bias(attention_mask: torch.Tensor | None, batch: int, query_len: int, kv_len: int, device, dtype):
+    """The layer's mask as an additive float bias [B, 1, S, T] (0 = attend, very negative = masked), or None.
+
+    `attention_mask` is what `create_causal_mask` produced: a 4D float bias (eager), a 4D bool mask (sdpa: True =
+    attend) or None (sdpa skipped it: plain causal, bottom-right aligned since the queries are the last S keys)."""
+    if attention_mask is None:
+        if query_len == 1:
+            return None
+        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - query_len)
+        attention_mask = causal[None, None]
+    attention_mask = attention_mask[..., :kv_len]
+    if attention_mask.dtype == torch.bool:
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=device)
+        # the most negative finite value, as transformers' eager masks: a fully masked row (a left-padding query)
+        # gets a finite (unused) output instead of NaN, which would otherwise leak through its cached latent
+        return bias.masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return attention_mask.to(dtype)
+
+
+def absorbed_attention_torch(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, scaling: float, bias
+) -> torch.Tensor:
+    """Attention over the latent cache. q_lat [B, H, S, r], q_pe [B, H, S, dr], c_kv [B, 1, T, r],
+    k_pe [B, 1, T, dr], bias [B, 1, S, T] or None -> latent output [B, H, S, r].
+
+    Heads and queries are flattened into one row dimension so each product is a single bmm against the shared
+    (head-independent) latent: nothing is expanded per head."""
+    batch, heads, seq, rank = q_lat.shape
+    c = c_kv.squeeze(1)  # [B, T, r]
+    scores = torch.bmm(q_lat.reshape(batch, heads * seq, rank), c.transpose(1, 2))  # [B, H*S, T]
+    scores = scores.baddbmm_(q_pe.reshape(batch, heads * seq, -1), k_pe.squeeze(1).transpose(1, 2))
+    scores = scores.view(batch, heads, seq, -1).float() * scaling
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).to(c.dtype)
+    return torch.bmm(probs.view(batch, heads * seq, -1), c).view(batch, heads, seq, rank)
+
+
 class DeepseekV3Attention(nn.Module):
     """MLA with decoupled RoPE; attention runs through transformers' attention interface (eager, sdpa, ...)."""
 
@@ -70,6 +119,61 @@ class DeepseekV3Attention(nn.Module):
         self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+        # Kernel for the absorbed decode attention: "auto" = Triton on CUDA, torch elsewhere (see kernels/mla_decode.py).
+        self.decode_backend = "auto"
+
+    def use_absorption(self, query_len: int, past_len: int, mode: str | bool | None = None) -> bool:
+        """Whether this call takes the absorbed path. `mode` (kwarg `mla_absorb`, else `config.mla_absorb`):
+        "on"/True forces it, "off"/False forbids it, "auto" absorbs at inference when a cache already holds tokens
+        and the query is short enough that attending over the latent is cheaper than re-expanding the cache:
+        S * T * H * (2r + dr) < T * H * r * (dn + dv) + S * T * H * (dn + dr + dv), i.e. S * (2r - dn - dv) < r * (dn + dv)."""
+        if mode is None:
+            mode = getattr(self.config, "mla_absorb", "auto")
+        if mode is True or mode == "on":
+            return True
+        if mode is False or mode == "off":
+            return False
+        if mode != "auto":
+            raise ValueError(f"mla_absorb={mode!r}: use one of {ABSORB_MODES} (or a bool)")
+        if self.training or past_len == 0:
+            return False
+        r = self.kv_lora_rank
+        return query_len * (2 * r - self.qk_nope_head_dim - self.v_head_dim) < r * (self.qk_nope_head_dim + self.v_head_dim)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def absorbed_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """q_nope [B, H, S, dn], q_pe [B, H, S, dr] (rotated), cache c_kv [B, 1, T, r], k_pe [B, 1, T, dr]
+        -> attention output [B, S, H * dv], computed without expanding the cache."""
+        batch, _, seq, _ = q_nope.shape
+        length = c_kv.shape[2]
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)  # [B, H, S, r]
+        bias = attention_bias(attention_mask, batch, seq, length, q_nope.device, torch.float32)
+        backend = self.decode_backend
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode_backend={backend!r}: use one of {DECODE_BACKENDS}")
+        if backend == "triton" or (backend == "auto" and q_nope.is_cuda):
+            from .kernels.mla_decode import mla_decode_attention, triton_available
+
+            if backend == "triton" or triton_available():
+                o_lat = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)
+            else:
+                o_lat = absorbed_attention_torch(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)
+        else:
+            o_lat = absorbed_attention_torch(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)  # [B, H, S, r]
+        out = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
+        return out.reshape(batch, seq, self.num_heads * self.v_head_dim)
 
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, S, hidden] -> [B, H, S, dn + dr]."""
@@ -113,8 +217,15 @@ class DeepseekV3Attention(nn.Module):
         c_kv, k_pe = self.compress_kv(hidden_states)
         k_pe = apply_rotary_emb(k_pe, cos, sin, interleave)
 
+        absorb_mode = kwargs.pop("mla_absorb", None)
+        past_len = 0
         if past_key_values is not None:  # the cache holds the latent and the rotated rope key only
+            if self.layer_idx < len(past_key_values.layers):
+                past_len = past_key_values.layers[self.layer_idx].get_seq_length()
             c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
+
+        if self.use_absorption(seq, past_len, absorb_mode):
+            return self.o_proj(self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask)), None
 
         query = torch.cat((q_nope, q_pe), dim=-1)
         key, value = self.expand_kv(c_kv, k_pe)

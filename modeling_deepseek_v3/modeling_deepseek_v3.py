@@ -5,6 +5,7 @@ Prediction in `mtp.py`, YaRN in `rope.py`. This file wires them together with th
 (`PreTrainedModel`, caches, masks, outputs, `_init_weights`).
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -304,6 +305,22 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits if return_mtp_logits else None,
             router_stats=router_stats,
         )
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`use_mtp=True` (kwarg or generation config) runs MTP self-speculative decoding with this model's own MTP
+        module as the draft (see `speculative.py`; greedy output is identical to plain greedy decoding). Everything
+        else goes to `GenerationMixin.generate` (transformers' own `use_mtp` path would load a second copy)."""
+        use_mtp = kwargs.pop("use_mtp", None)
+        if use_mtp is None:
+            use_mtp = getattr(generation_config if generation_config is not None else self.generation_config, "use_mtp", None)
+        if use_mtp:
+            from .speculative import mtp_speculative_generate
+
+            return mtp_speculative_generate(self, inputs, generation_config, **kwargs)
+        if generation_config is not None and getattr(generation_config, "use_mtp", None):
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.use_mtp = None
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """Also writes the MTP layers' copies of the shared embedding and head (`model.layers.{N}.embed_tokens.weight`,

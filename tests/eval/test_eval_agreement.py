@@ -7,7 +7,10 @@ from math import comb
 import pytest
 from math_verify import parse, verify
 
-from data_files import require_file
+try:
+    from data_files import require_file
+except ImportError:  # tests/conftest.py before data_files.py existed
+    from conftest import require_file
 from deepseek_v3.eval import get_task, pass_at_k, score_predictions
 from deepseek_v3.eval.metrics import summarize_correctness
 

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from data_files import require_file
+try:
+    from data_files import require_file
+except ImportError:  # tests/conftest.py before data_files.py existed
+    from conftest import require_file
 from deepseek_v3.eval import get_task, score_predictions
 from deepseek_v3.eval.mmlu import LETTERS, SUBJECTS
 from deepseek_v3.eval.runner import evaluate_task

@@ -50,6 +50,8 @@ class DeepseekV3TopkRouter(nn.Module):
         # Routed-token counts since the last reset (training only); not saved in checkpoints.
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
         self.track_expert_load = True
+        # Optional [N] bool mask of the tokens to count (e.g. not padding), set around a forward by the balancing code.
+        self.load_mask: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` must not cast the balancing state: bf16 counts are exact only up to
@@ -104,6 +106,8 @@ class DeepseekV3TopkRouter(nn.Module):
         """Add this forward's routed-token counts to `tokens_per_expert`. Called by the model once per forward
         (not from `forward`, which gradient checkpointing re-runs during backward and would count twice)."""
         if self.track_expert_load:
+            if self.load_mask is not None and self.load_mask.numel() == topk_indices.shape[0]:
+                topk_indices = topk_indices[self.load_mask.reshape(-1).to(topk_indices.device, torch.bool)]
             counts = torch.bincount(topk_indices.flatten(), minlength=self.num_experts)
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
 

@@ -59,6 +59,8 @@ class BalancingConfig:
             changes through the bias (or not at all with gamma=0).
         update_until_step: if set, gamma is treated as 0 from this optimizer step on (the paper's final phase).
         log_every: force a trainer log every this many optimizer steps (None: use the trainer's `logging_steps`).
+        mask_padding: count only the tokens the forward's 2-D `attention_mask` marks as real (padding is routed
+            too, but its load says nothing about the data and would skew the biases).
         log_per_layer: also log the per-layer metrics (`moe/layer_{i}/...`), not only the means over layers.
         plot_every: write the PNG plots every this many optimizer steps (None: at the end of training only).
         plots: write the plots at all (into the trainer's output_dir).
@@ -70,6 +72,7 @@ class BalancingConfig:
     freeze_router: bool = False
     update_until_step: int | None = None
     log_every: int | None = None
+    mask_padding: bool = True
     log_per_layer: bool = True
     plot_every: int | None = None
     plots: bool = True
@@ -268,8 +271,9 @@ class ExpertLoadBalancer:
         self._batch_count = 0
         self._aux_sum = torch.zeros(())
         self._aux_count = 0
-        self._hook = None
+        self._hooks = []
         self._hooked_model = None
+        self._routers: list[RouterInfo] = []
         self._num_updates = 0
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -293,18 +297,34 @@ class ExpertLoadBalancer:
         self._batch_count = 0
         self._aux_sum = torch.zeros(())
         self._aux_count = 0
+        self._routers = routers
         if self._hooked_model is not inner:
             self.stop()
-            self._hook = inner.register_forward_hook(self._record_aux_loss)
+            self._hooks = [
+                inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                inner.register_forward_hook(self._after_forward),
+            ]
             self._hooked_model = inner
 
     def stop(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._hooked_model = None
+        self._set_load_mask(None)
 
-    def _record_aux_loss(self, module, args, output) -> None:
+    def _set_load_mask(self, mask: torch.Tensor | None) -> None:
+        for info in self._routers:
+            info.router.load_mask = mask
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if not (self.config.mask_padding and module.training and isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            mask = None
+        self._set_load_mask(None if mask is None else mask.reshape(-1).bool())
+
+    def _after_forward(self, module, args, output) -> None:
+        self._set_load_mask(None)
         aux = getattr(output, "aux_loss", None)
         if module.training and aux is not None:
             self._aux_sum = self._aux_sum + aux.detach().float().cpu()

@@ -286,3 +286,30 @@ def test_model_balance_loss_matches_equations_and_is_reported_separately():
     metrics = balancer.step(model, step=1)
     assert metrics["moe/seq_balance_loss"] == pytest.approx(out2.aux_loss.item())
     balancer.stop()
+
+
+def test_padding_tokens_are_not_counted():
+    model = tiny_model()
+    model.train()
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, 10:] = 0  # 6 right-padding tokens
+    mask[1, :4] = 0  # 4 left-padding tokens
+    balancer = ExpertLoadBalancer(BalancingConfig(gamma=0.01))
+    balancer.start(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_stats=True)
+    real = mask.flatten().bool()
+    counted = collect_expert_load(model)
+    assert counted.sum(dim=1).tolist() == [(32 - 10) * 2] * 3
+    for layer, routing_counts in enumerate(counted):
+        assert routing_counts.sum() < out.router_stats[layer].sum()  # router_stats counts every routed token
+    assert all(info.router.load_mask is None for info in find_routers(model))  # cleared after the forward
+    # without mask_padding every routed token counts
+    balancer.stop()
+    collect_expert_load(model, reset=True)
+    other = ExpertLoadBalancer(BalancingConfig(gamma=0.01, mask_padding=False))
+    other.start(model)
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert collect_expert_load(model).sum(dim=1).tolist() == [32 * 2] * 3
+    other.stop()
+    assert real.sum() == 22

@@ -205,3 +205,32 @@ def test_plots_written_with_labelled_axes(tmp_path):
     ax2 = fig2.axes[0]
     assert ax2.get_xlabel() == "optimizer step" and "MaxVio" in ax2.get_ylabel()
     assert len(ax2.get_lines()) == len(labels) + 2  # per layer + mean (step) + mean (batch)
+
+
+def test_works_under_trl_sft_trainer(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from deepseek_v3.tokenizer import byte_level_tokenizer
+
+    texts = [f"question {i}: what is {i} plus {3 * i}? answer " + str(4 * i) * (i % 5 + 1) for i in range(8)]
+    callback = MoEBalancingCallback(gamma=0.01, plots=False)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", max_length=64,
+    )
+    model = tiny_model(seed=0)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=byte_level_tokenizer(), callbacks=[callback],
+    )
+    real_tokens = []  # per forward: tokens the attention mask marks as real
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: real_tokens.append(int(kwargs["attention_mask"].sum())), with_kwargs=True
+    )
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "moe/maxvio_step" in e]
+    assert len(logged) == 2 and len(callback.balancer.history) == 2
+    assert _biases(model)[:2].abs().sum() > 0  # main MoE layers balanced
+    # padding is masked out of the counts: 2 selections per real token (activation checkpointing is on in SFTConfig)
+    assert len(real_tokens) == 2 and real_tokens[1] < 4 * 64
+    assert callback.balancer.last_load[:2].sum(dim=1).tolist() == [2 * real_tokens[1]] * 2

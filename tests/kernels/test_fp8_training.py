@@ -156,7 +156,9 @@ def test_hf_trainer_with_fp8_callback(tmp_path, gemm_counter):
 
     ckpt, ref = saved(tmp_path / "run" / "checkpoint-4"), saved(tmp_path / "plain")
     assert set(ckpt) == set(ref) and all(torch.equal(ckpt[k], ref[k]) for k in ref)
-    # resuming (optimizer, scheduler, RNG state) works with the switch on
-    resumed = make_trainer(tmp_path / "run", 6)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
-    assert resumed.state.global_step == 6 and fp8_module_names(resumed.model)
+    # resuming from the step-2 checkpoint (weights, optimizer, scheduler, RNG) reproduces the same final weights
+    resumed = make_trainer(tmp_path / "resumed", 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and fp8_module_names(resumed.model)
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -2,6 +2,11 @@ import os
 import sys
 from pathlib import Path
 
+# Triton kernels run on CPU only through the interpreter, which must be switched on before triton is first imported
+# (`import deepseek_v3` already imports it): set it here, before any test module is collected.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/data_files.py, importable from every test folder

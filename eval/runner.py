@@ -226,6 +226,8 @@ def format_table(results: dict, tasks: Sequence[str] | None = None) -> str:
         m = results["results"][name]
         info = results.get("tasks", {}).get(name, {})
         for key, value in m.items():
+            if key == "pass@1" and "accuracy" in m:  # same number as accuracy for non-code tasks
+                continue
             if isinstance(value, float) and key not in ("num_docs", "num_samples"):
                 rows.append((name, key + (" *" if key == "score" else ""), f"{value:.4f}",
                              str(info.get("num_docs", m.get("num_docs", ""))), str(m.get("num_samples", ""))))

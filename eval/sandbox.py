@@ -180,9 +180,17 @@ with _open(prog_path, "r", encoding="utf-8") as f:
 code = compile(source, "<program>", "exec")
 namespace = {"__name__": "__main__", "__builtins__": builtins}
 del f, source
-exec(code, namespace)
-sys.stdout.flush()
-os.write(1, ("\n" + sentinel + "\n").encode())
+
+
+def _run(code, namespace, token=sentinel):
+    # the token is only in this frame, not in the module globals the program can import as __main__
+    exec(code, namespace)
+    sys.stdout.flush()
+    os.write(1, ("\n" + token + "\n").encode())
+
+
+del sentinel
+_run(code, namespace)
 '''
 
 

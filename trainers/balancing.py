@@ -80,7 +80,9 @@ class BalancingConfig:
 
     def __post_init__(self):
         if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
-            raise ValueError(f"BalancingConfig.gamma={self.gamma!r} must be a finite float >= 0 (0 turns balancing off)")
+            raise ValueError(
+                f"BalancingConfig.gamma={self.gamma!r} must be a finite float >= 0 (0 turns balancing off)"
+            )
         if self.update not in UPDATE_RULES:
             raise ValueError(f"BalancingConfig.update={self.update!r} must be one of {UPDATE_RULES}")
         for name in ("update_until_step", "log_every", "plot_every"):

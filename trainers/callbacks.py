@@ -81,6 +81,19 @@ class MoEBalancingCallback(TrainerCallback):
                 with open(path) as f:
                     self.balancer.load_state_dict(json.load(f))
                 self.balancer.history = [e for e in self.balancer.history if e["step"] <= state.global_step]
+            else:  # checkpoint from another output_dir: fall back to the logged steps of the restored TrainerState
+                self.balancer.history = self._history_from_logs(state.log_history)
+
+    def _history_from_logs(self, log_history: list[dict]) -> list[dict]:
+        p = self.config.metric_prefix
+        layers = [int(label.split()[1]) for label in self.balancer.layer_labels]
+        history = []
+        for entry in log_history:
+            keys = [f"{p}/layer_{i}/maxvio_step" for i in layers]
+            if all(key in entry for key in keys):
+                batch = [entry.get(f"{p}/layer_{i}/maxvio_batch", math.nan) for i in layers]
+                history.append({"step": entry["step"], "maxvio_step": [entry[k] for k in keys], "maxvio_batch": batch})
+        return history
 
     # -- per micro-batch / optimizer step -------------------------------------------------------------------------
 

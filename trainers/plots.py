@@ -102,9 +102,11 @@ def save_balancing_plots(balancer, output_dir: str | os.PathLike, prefix: str = 
     if load is not None:
         last = balancer.history[-1]["step"] if balancer.history else start
         title = f"Expert load, optimizer steps {start}-{last}"
-        paths.append(plot_expert_load_heatmap(load, balancer.layer_labels, os.path.join(output_dir, f"{prefix}_expert_load.png"), title))
+        path = os.path.join(output_dir, f"{prefix}_expert_load.png")
+        paths.append(plot_expert_load_heatmap(load, balancer.layer_labels, path, title))
     if balancer.history:
-        paths.append(plot_maxvio_curve(balancer.history, balancer.layer_labels, os.path.join(output_dir, f"{prefix}_maxvio.png")))
+        path = os.path.join(output_dir, f"{prefix}_maxvio.png")
+        paths.append(plot_maxvio_curve(balancer.history, balancer.layer_labels, path))
     return paths
 
 

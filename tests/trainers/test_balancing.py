@@ -298,7 +298,6 @@ def test_padding_tokens_are_not_counted():
     balancer = ExpertLoadBalancer(BalancingConfig(gamma=0.01))
     balancer.start(model)
     out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_stats=True)
-    real = mask.flatten().bool()
     counted = collect_expert_load(model)
     assert counted.sum(dim=1).tolist() == [(32 - 10) * 2] * 3
     for layer, routing_counts in enumerate(counted):
@@ -312,4 +311,3 @@ def test_padding_tokens_are_not_counted():
     model(input_ids=ids, attention_mask=mask, labels=ids)
     assert collect_expert_load(model).sum(dim=1).tolist() == [32 * 2] * 3
     other.stop()
-    assert real.sum() == 22

@@ -71,8 +71,11 @@ def test_balancing_fixes_skewed_router_and_gamma_zero_does_not(tmp_path):
         curve = _mean_maxvio(callback.balancer.history)
         assert len(curve) == 40  # one update per optimizer step
         curves[gamma] = (curve[0], sum(curve[-5:]) / 5)
-        print(f"gamma={gamma}: MaxVio (mean over 3 MoE layers) step 1 = {curve[0]:.3f}, "
-              f"mean of the last 5 steps = {curves[gamma][1]:.3f}, bias range = {_biases(trainer.model).max() - _biases(trainer.model).min():.3f}")
+        biases = _biases(trainer.model)
+        print(
+            f"gamma={gamma}: MaxVio (mean over 3 MoE layers) step 1 = {curve[0]:.3f}, "
+            f"mean of the last 5 steps = {curves[gamma][1]:.3f}, bias range = {biases.max() - biases.min():.3f}"
+        )
         logged = [entry for entry in trainer.state.log_history if "moe/maxvio_step" in entry]
         assert len(logged) == 8 and "moe/layer_3/maxvio_batch" in logged[-1]  # in the Trainer logs, MTP layer included
     start_on, end_on = curves[0.02]
@@ -158,7 +161,8 @@ def test_freeze_router_and_gamma_zero(tmp_path):
     weights_before = [info.router.weight.detach().clone() for info in routers]
     other_before = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()
     callback = MoEBalancingCallback(gamma=0.0, freeze_router=True, plots=False)
-    trainer = Trainer(model=model, args=_args(tmp_path, 3), train_dataset=token_dataset(3 * BATCH), callbacks=[callback])
+    data = token_dataset(3 * BATCH)
+    trainer = Trainer(model=model, args=_args(tmp_path, 3), train_dataset=data, callbacks=[callback])
     trainer.train()
     for info, before in zip(routers, weights_before):
         assert not info.router.weight.requires_grad
@@ -234,3 +238,35 @@ def test_works_under_trl_sft_trainer(tmp_path):
     # padding is masked out of the counts: 2 selections per real token (activation checkpointing is on in SFTConfig)
     assert len(real_tokens) == 2 and real_tokens[1] < 4 * 64
     assert callback.balancer.last_load[:2].sum(dim=1).tolist() == [2 * real_tokens[1]] * 2
+
+
+@pytest.mark.slow
+def test_callback_under_ddp_two_gloo_processes(tmp_path):
+    """torchrun, 2 CPU processes: identical biases on both ranks, updated from the summed (all-reduced) loads."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "_ddp_trainer_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+           str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["wrapped"] == "DistributedDataParallel"
+    assert torch.equal(r0["biases"], r1["biases"]) and r0["biases"].abs().sum() > 0
+    assert len(r0["global"]) == 4
+    for step in range(4):
+        assert not torch.equal(r0["local"][step], r1["local"][step])  # each rank routed its own data
+        torch.testing.assert_close(r0["global"][step], r0["local"][step] + r1["local"][step])
+        torch.testing.assert_close(r1["global"][step], r0["global"][step])
+
+
+def test_history_rebuilt_from_logs_when_checkpoint_has_no_state_file():
+    callback = MoEBalancingCallback(gamma=0.01)
+    callback.balancer.layer_labels = ["layer 1", "layer 2 (MTP)"]
+    logs = [
+        {"loss": 1.0, "step": 1, "moe/layer_1/maxvio_step": 0.5, "moe/layer_2/maxvio_step": 0.7,
+         "moe/layer_1/maxvio_batch": 0.6, "moe/layer_2/maxvio_batch": 0.8},
+        {"loss": 0.9, "step": 2},
+    ]
+    assert callback._history_from_logs(logs) == [{"step": 1, "maxvio_step": [0.5, 0.7], "maxvio_batch": [0.6, 0.8]}]

@@ -61,6 +61,8 @@ class BalancingConfig:
         log_every: force a trainer log every this many optimizer steps (None: use the trainer's `logging_steps`).
         mask_padding: count only the tokens the forward's 2-D `attention_mask` marks as real (padding is routed
             too, but its load says nothing about the data and would skew the biases).
+        count_no_grad_forwards: also count forwards run in training mode with autograd off (generation or old-policy
+            log-probs in RL trainers, ...): by default only forwards that build a graph, i.e. the ones trained on.
         log_per_layer: also log the per-layer metrics (`moe/layer_{i}/...`), not only the means over layers.
         plot_every: write the PNG plots every this many optimizer steps (None: at the end of training only).
         plots: write the plots at all (into the trainer's output_dir).
@@ -73,6 +75,7 @@ class BalancingConfig:
     update_until_step: int | None = None
     log_every: int | None = None
     mask_padding: bool = True
+    count_no_grad_forwards: bool = False
     log_per_layer: bool = True
     plot_every: int | None = None
     plots: bool = True
@@ -276,6 +279,7 @@ class ExpertLoadBalancer:
         self._hooks = []
         self._hooked_model = None
         self._routers: list[RouterInfo] = []
+        self._tracked: list[bool] = []
         self._num_updates = 0
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -300,6 +304,7 @@ class ExpertLoadBalancer:
         self._aux_sum = torch.zeros(())
         self._aux_count = 0
         self._routers = routers
+        self._tracked = [info.router.track_expert_load for info in routers]
         if self._hooked_model is not inner:
             self.stop()
             self._hooks = [
@@ -320,13 +325,19 @@ class ExpertLoadBalancer:
             info.router.load_mask = mask
 
     def _before_forward(self, module, args, kwargs) -> None:
+        # Re-established on every forward, so a forward that raised cannot leave a stale mask or flag behind.
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if not (self.config.mask_padding and module.training and isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
         self._set_load_mask(None if mask is None else mask.reshape(-1).bool())
+        count = self.config.count_no_grad_forwards or torch.is_grad_enabled()
+        for info, tracked in zip(self._routers, self._tracked):
+            info.router.track_expert_load = tracked and count
 
     def _after_forward(self, module, args, output) -> None:
         self._set_load_mask(None)
+        for info, tracked in zip(self._routers, self._tracked):
+            info.router.track_expert_load = tracked
         aux = getattr(output, "aux_loss", None)
         if module.training and aux is not None:
             self._aux_sum = self._aux_sum + aux.detach().float().cpu()

@@ -311,3 +311,24 @@ def test_padding_tokens_are_not_counted():
     model(input_ids=ids, attention_mask=mask, labels=ids)
     assert collect_expert_load(model).sum(dim=1).tolist() == [32 * 2] * 3
     other.stop()
+
+
+def test_only_forwards_with_autograd_are_counted_by_default():
+    model = tiny_model()
+    model.train()
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    balancer = ExpertLoadBalancer(BalancingConfig(gamma=0.01))
+    balancer.start(model)
+    with torch.no_grad():  # e.g. generation / old-policy log-probs in an RL trainer, model in train mode
+        model(input_ids=ids, labels=ids)
+    assert collect_expert_load(model).sum() == 0
+    model(input_ids=ids, labels=ids)
+    assert collect_expert_load(model).sum(dim=1).tolist() == [2 * 16 * 2] * 3
+    assert all(info.router.track_expert_load for info in find_routers(model))  # restored after the forward
+    balancer.stop()
+    everything = ExpertLoadBalancer(BalancingConfig(gamma=0.01, count_no_grad_forwards=True))
+    everything.start(model)
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    assert collect_expert_load(model).sum(dim=1).tolist() == [2 * 16 * 2] * 3
+    everything.stop()

@@ -270,3 +270,38 @@ def test_history_rebuilt_from_logs_when_checkpoint_has_no_state_file():
         {"loss": 0.9, "step": 2},
     ]
     assert callback._history_from_logs(logs) == [{"step": 1, "maxvio_step": [0.5, 0.7], "maxvio_batch": [0.6, 0.8]}]
+
+
+def test_works_under_trl_grpo_trainer_and_skips_generation_forwards(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from deepseek_v3.tokenizer import byte_level_tokenizer
+
+    callback = MoEBalancingCallback(gamma=0.01, plots=False)
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=8, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+    )
+    model = tiny_model(seed=0)
+    trainer = trl.GRPOTrainer(
+        model=model, args=args, processing_class=byte_level_tokenizer(), callbacks=[callback],
+        train_dataset=datasets.Dataset.from_dict({"prompt": [f"count to {i}:" for i in range(8)]}),
+        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+    )
+    forwards = []  # (model in train mode, autograd on, real tokens)
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: forwards.append(
+            (mod.training, torch.is_grad_enabled(), kwargs.get("attention_mask"), kwargs.get("input_ids"))
+        ),
+        with_kwargs=True,
+    )
+    trainer.train()
+    generation = [f for f in forwards if f[0] and not f[1]]
+    trained = [f for f in forwards if f[1]]
+    assert generation and len(trained) == 2  # TRL generates with the model in train mode, without autograd
+    assert len(callback.balancer.history) == 2
+    # only the trained tokens count: 2 selections per real token of the last step's training forward
+    mask, ids = trained[-1][2], trained[-1][3]
+    real_tokens = int(mask.sum()) if mask is not None else ids.numel()
+    assert callback.balancer.last_load[:2].sum(dim=1).tolist() == [2 * real_tokens] * 2
+    assert [e for e in trainer.state.log_history if "moe/maxvio_step" in e]

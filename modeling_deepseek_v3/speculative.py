@@ -19,6 +19,7 @@ rolled back with `cache.crop(-1)` on all layers, MTP layer included.
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,8 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    prefill_seconds: float = 0.0  # wall time of the prompt forward (main + MTP) and the first token
+    decode_seconds: float = 0.0  # wall time of the draft/verify loop
 
     @property
     def acceptance_rate(self) -> float:
@@ -136,8 +139,8 @@ class MTPSpeculativeDecoder:
             config=self.config, inputs_embeds=embeds, attention_mask=mask2d, past_key_values=cache,
             position_ids=positions,
         )  # fmt: skip
-        out = self.model.model(inputs_embeds=embeds, attention_mask=mask2d, position_ids=positions,
-                               past_key_values=cache, use_cache=True)  # fmt: skip
+        out = self.model.model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=positions,
+                               past_key_values=cache, use_cache=True)  # 4D mask: used as is  # fmt: skip
         hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden), mask4d
 
@@ -161,6 +164,7 @@ class MTPSpeculativeDecoder:
             cache.layers.append(DynamicLayer())
 
         # prefill: main model on the prompt, first token from its last position, MTP over the prompt
+        start = time.perf_counter()
         hidden, logits, mask4d = self.target(input_ids, mask2d, positions, cache)
         first = self.choose(logits[:, -1])  # [B]
         next_ids = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)  # token t+1 for every prompt position t
@@ -172,6 +176,8 @@ class MTPSpeculativeDecoder:
         done = torch.isin(first, eos) | (n_out >= max_new)
         current = first  # last emitted token, not yet fed to the main model
         position = positions[:, -1] + 1  # its position
+        decode_start = time.perf_counter()
+        self.stats.prefill_seconds = decode_start - start
 
         while not bool(done.all()):
             active = ~done
@@ -226,6 +232,7 @@ class MTPSpeculativeDecoder:
             current = torch.where(accept, bonus, first_new)
             position = position + 1 + accept.long()
 
+        self.stats.decode_seconds = time.perf_counter() - decode_start
         self.cache, self.attention_mask = cache, mask2d  # kept for inspection (tests check the rollback)
         return self.finish(input_ids, out, n_out, max_new)
 

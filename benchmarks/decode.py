@@ -1,0 +1,183 @@
+"""Decode speed: transformers' built-in DeepseekV3 vs ours (expanded / absorbed MLA / MTP speculative decoding).
+
+Same config (`small` by default) and the same weights in all four:
+
+    (a) transformers' built-in DeepseekV3ForCausalLM (re-expands the whole latent cache through kv_b_proj each step)
+    (b) ours, mla_absorb="off" (same expanded computation)
+    (c) ours, absorbed MLA decode (attention over the cached latent)
+    (d) ours, absorbed + generate(use_mtp=True) (the MTP module drafts, the main model verifies)
+
+The weights are the `small` model trained briefly on a synthetic corpus (arithmetic progressions) so that the MTP
+head drafts well; they are cached in --weights-dir and reused. For each context length the prompt is one such
+sequence (batch 1); prefill is timed separately from decoding; decoding is greedy for --new-tokens tokens.
+
+    python benchmarks/decode.py                      # small, contexts 256 1024 4096, 1 thread
+    python benchmarks/decode.py --contexts 256 --new-tokens 16 --train-steps 20   # quick look
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config as HFDeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3ForCausalLM as HFDeepseekV3ForCausalLM
+
+import deepseek_v3
+from deepseek_v3.speculative import cache_bytes_per_token_per_layer
+
+FIRST_TOKEN = 3  # ids below are bos / eos / pad
+
+
+def progressions(n: int, length: int, span: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, length] arithmetic progressions mod `span` (random start, stride 1..3), shifted past the special ids."""
+    start = torch.randint(0, span, (n, 1), generator=generator)
+    stride = torch.randint(1, 4, (n, 1), generator=generator)
+    return FIRST_TOKEN + (start + stride * torch.arange(length)) % span
+
+
+def train_small(config_name, steps, batch, seq_len, lr, span, seed, log_every: int = 10):
+    """Our model trained with main + MTP loss (weight 1) on progressions; returns it in eval mode."""
+    torch.manual_seed(seed)
+    config = deepseek_v3.load_config(config_name, mtp_loss_weight=1.0, torch_dtype="float32")
+    model = deepseek_v3.DeepseekV3ForCausalLM(config).float()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
+    start = time.perf_counter()
+    for step in range(steps):
+        tokens = progressions(batch, seq_len, span, generator)
+        out = model(tokens, labels=tokens)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  train step {step:4d}  main loss {out.main_loss.item():.3f}  mtp loss {out.mtp_loss.item():.3f}"
+                  f"  ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+    model.config.mtp_loss_weight = 0.3
+    return model.eval()
+
+
+def load_or_train(args) -> Path:
+    weights = Path(args.weights_dir)
+    if not (weights / "config.json").exists():
+        print(f"training {args.config} for {args.train_steps} steps -> {weights}", flush=True)
+        model = train_small(
+            args.config, args.train_steps, args.train_batch, args.train_len, args.lr, args.span, args.seed
+        )
+        model.save_pretrained(weights)
+    return weights
+
+
+@torch.no_grad()
+def time_plain_decode(model, prompt: torch.Tensor, new_tokens: int, **forward_kwargs) -> dict:
+    """Prefill, then `new_tokens` greedy steps of one token with a DynamicCache."""
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(prompt, past_key_values=cache, use_cache=True, **forward_kwargs)
+    token = out.logits[:, -1:].argmax(-1)
+    prefill = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True, **forward_kwargs)
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    decode = time.perf_counter() - start
+    return {
+        "prefill_s": prefill,
+        "decode_tok_s": new_tokens / decode,
+        "bytes": cache_bytes_per_token_per_layer(cache)[0],
+        "tokens": torch.cat(tokens, 1),
+    }
+
+
+@torch.no_grad()
+def time_speculative_decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens + 1, eos_token_id=None, pad_token_id=2)
+    sequences = model.generate(prompt, generation_config=config, use_mtp=True)
+    stats = model.speculative_stats
+    decoder = model.speculative_decoder
+    return {
+        "prefill_s": stats.prefill_seconds,
+        "decode_tok_s": new_tokens / stats.decode_seconds,
+        "bytes": cache_bytes_per_token_per_layer(decoder.cache)[0],
+        "tokens": sequences[:, prompt.shape[1] :],
+        "acceptance": stats.acceptance_rate,
+        "tokens_per_forward": stats.mean_accepted_tokens,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared host)")
+    parser.add_argument("--weights-dir", default=os.path.join("benchmarks", ".cache", "small-progressions"))
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-len", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--span", type=int, default=64, help="progressions use token ids 3 .. 3 + span - 1")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    weights = load_or_train(args)
+    ours = deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    hf_config = HFDeepseekV3Config.from_pretrained(weights)
+    builtin = HFDeepseekV3ForCausalLM.from_pretrained(weights, config=hf_config, dtype=torch.float32).eval()
+    span = args.span
+
+    # same weights: the built-in model reproduces our logits
+    check = progressions(1, 64, span, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        diff = (ours(check).logits - builtin(check).logits).abs().max().item()
+    print(f"max |logits(ours) - logits(built-in)| on a 64-token prompt: {diff:.2e}")
+    assert diff < 1e-3, "the built-in model did not load the same weights"
+
+    variants = {
+        "(a) transformers built-in": lambda p: time_plain_decode(builtin, p, args.new_tokens),
+        "(b) ours, expanded": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="off"),
+        "(c) ours, absorbed": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="on"),
+        "(d) ours, absorbed + MTP": lambda p: time_speculative_decode(ours, p, args.new_tokens),
+    }
+    warm = progressions(1, 32, span, torch.Generator().manual_seed(7))
+    for run in variants.values():
+        run(warm)
+
+    rows = []
+    for context in args.contexts:
+        prompt = progressions(1, context, span, torch.Generator().manual_seed(context))
+        results = {name: run(prompt) for name, run in variants.items()}
+        base = results["(a) transformers built-in"]
+        reference_tokens = base["tokens"][:, : args.new_tokens + 1]
+        for name, r in results.items():
+            same = torch.equal(r["tokens"][:, : args.new_tokens + 1], reference_tokens)
+            rows.append((context, name, r, r["decode_tok_s"] / base["decode_tok_s"], same))
+            extra = (f"  acceptance {r['acceptance']:.3f}, {r['tokens_per_forward']:.2f} tok/forward"
+                     if "acceptance" in r else "")  # fmt: skip
+            print(f"ctx {context:5d} {name:28s} prefill {r['prefill_s']:7.2f}s  decode {r['decode_tok_s']:8.2f} tok/s"
+                  f"  x{rows[-1][3]:5.2f}  cache {r['bytes']} B/tok/layer  same tokens as (a): {same}{extra}",
+                  flush=True)  # fmt: skip
+
+    print()
+    print(f"config `{args.config}`, fp32, CPU, {args.threads} thread(s), batch 1, {args.new_tokens} greedy decode tokens")
+    print()
+    print("| context | variant | prefill (s) | decode tok/s | vs (a) | cache B/token/layer | acceptance | tok/forward |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for context, name, r, ratio, same in rows:
+        acc = f"{r['acceptance']:.3f}" if "acceptance" in r else ""
+        tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
+        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio:.2f}x | {r['bytes']} "
+              f"| {acc} | {tpf} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

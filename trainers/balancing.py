@@ -319,6 +319,8 @@ class ExpertLoadBalancer:
         self._hooks = []
         self._hooked_model = None
         self._set_load_mask(None)
+        for info, tracked in zip(self._routers, self._tracked):
+            info.router.track_expert_load = tracked
 
     def _set_load_mask(self, mask: torch.Tensor | None) -> None:
         for info in self._routers:

@@ -28,6 +28,9 @@ _LAZY = {
     "disable_fp8": "fp8_training",
     "default_fp8_filter": "fp8_training",
     "FP8TrainingCallback": "fp8_training",
+    "convert_checkpoint": "fp8_checkpoint",
+    "save_pretrained_fp8": "fp8_checkpoint",
+    "use_deepseek_fp8_gemm": "fp8_checkpoint",
 }
 
 

@@ -79,9 +79,14 @@ def test_sft_recipe_trains_tiny_model(tmp_path, gsm8k_train):
          "--output_dir", str(out), "--save_steps", "100", "--logging_steps", "1"]
     )
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
-    losses = [log["loss"] for log in state["log_history"] if "loss" in log]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    logs = [log for log in state["log_history"] if "loss" in log]
+    assert len(logs) == 3 and all(math.isfinite(log["loss"]) for log in logs)
+    # the trained loss is the model's own: main + 0.3 * MTP (TRL's fused head alone would drop the MTP term)
+    for log in logs:
+        assert log["mtp_loss"] > 0 and log["loss"] == pytest.approx(log["main_loss"] + 0.3 * log["mtp_loss"], rel=1e-3)
+        assert "moe/maxvio_step" in log  # the balancing callback is on
     assert (out / "model.safetensors").exists()
+    assert (out / "moe_expert_load.png").exists()
 
 
 def test_grpo_recipe_runs(tmp_path, gsm8k_train):

@@ -36,6 +36,25 @@ class DataArguments:
     max_samples: int | None = field(default=None)
 
 
+@dataclass
+class TrainingExtrasArguments:
+    balancing_gamma: float = field(
+        default=0.001,
+        metadata={"help": "aux-loss-free balancing step (0 = keep the router biases fixed, e.g. for light fine-tunes)"},
+    )
+    balancing_update: str = field(default="sign", metadata={"help": "sign or proportional"})
+    freeze_router: bool = field(default=False, metadata={"help": "do not train the MoE gate weights"})
+
+
+def training_callbacks(args: TrainingExtrasArguments) -> list:
+    """The MoE balancing callback (bias updates, expert-load metrics and plots), configured from the script args."""
+    from .balancing import BalancingConfig
+    from .callbacks import MoEBalancingCallback
+
+    config = BalancingConfig(gamma=args.balancing_gamma, update=args.balancing_update, freeze_router=args.freeze_router)
+    return [MoEBalancingCallback(config)]
+
+
 def load_model_and_tokenizer(args: ModelArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,5 +1,5 @@
 """R1-style distillation: a teacher writes reasoning traces, a rule reward keeps the correct ones (rejection
-sampling, as for DeepSeek-R1's 800k SFT samples), and the student is fine-tuned on them with `SFTTrainer`.
+sampling, as for DeepSeek-R1's 800k SFT samples), and the student is fine-tuned on them with `DeepseekV3SFTTrainer` (next-token + MTP loss).
 
 Traces are appended to `traces_file` (jsonl) as soon as each batch is generated, so an interrupted run resumes
 where it stopped.
@@ -12,12 +12,20 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .common import DataArguments, ModelArguments, load_dataset_split, load_model_and_tokenizer, to_conversation
+from .common import (
+    DataArguments,
+    ModelArguments,
+    TrainingExtrasArguments,
+    load_dataset_split,
+    load_model_and_tokenizer,
+    to_conversation,
+    training_callbacks,
+)
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
 
 
 @dataclass
-class DistillScriptArguments(ModelArguments, DataArguments):
+class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
     teacher_name_or_path: str = field(default="tiny", metadata={"help": "checkpoint / hub id of the teacher"})
     num_samples_per_prompt: int = 1
     max_new_tokens: int = 512
@@ -120,17 +128,20 @@ def build_student_dataset(args: DistillScriptArguments, traces_file: str):
 
 
 def main(argv: list[str] | None = None):
-    from trl import SFTConfig, SFTTrainer, TrlParser
+    from trl import SFTConfig, TrlParser
+
+    from .sft import _sft_trainer_class
 
     script_args, training_args = TrlParser((DistillScriptArguments, SFTConfig)).parse_args_and_config(args=argv)
     traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
     generate_traces(script_args, traces_file)
     student, tokenizer = load_model_and_tokenizer(script_args)
-    trainer = SFTTrainer(
+    trainer = _sft_trainer_class()(
         model=student,
         args=training_args,
         train_dataset=build_student_dataset(script_args, traces_file),
         processing_class=tokenizer,
+        callbacks=training_callbacks(script_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

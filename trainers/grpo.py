@@ -1,13 +1,25 @@
-"""R1-style reinforcement learning with TRL's `GRPOTrainer` and rule-based rewards (accuracy + format)."""
+"""R1-style reinforcement learning with TRL's `GRPOTrainer` and rule-based rewards (accuracy + format).
+
+The objective is GRPO's policy loss alone (as in DeepSeek-R1): the MTP and sequence-wise balance losses are not
+added; expert balancing keeps running through `MoEBalancingCallback` (bias updates from the training forwards).
+"""
 
 from dataclasses import dataclass, field
 
-from .common import DataArguments, ModelArguments, load_dataset_split, load_model_and_tokenizer, to_conversation
+from .common import (
+    DataArguments,
+    ModelArguments,
+    TrainingExtrasArguments,
+    load_dataset_split,
+    load_model_and_tokenizer,
+    to_conversation,
+    training_callbacks,
+)
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
 
 
 @dataclass
-class GRPOScriptArguments(ModelArguments, DataArguments):
+class GRPOScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["gsm8k_accuracy", "format"],
         metadata={"help": "names from deepseek_v3.trainers.rewards.REWARD_FUNCS"},
@@ -31,7 +43,7 @@ def build_grpo_trainer(script_args: GRPOScriptArguments, training_args, callback
         args=training_args,
         train_dataset=build_grpo_dataset(script_args),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=(callbacks or []) + training_callbacks(script_args),
     )
 
 

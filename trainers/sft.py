@@ -1,17 +1,64 @@
 """Supervised fine-tuning with TRL's `SFTTrainer` (prompt/completion pairs, loss on the completion only).
 
-The model's loss includes the MTP term (`mtp_loss_weight`), so SFT also keeps the MTP module trained for
-self-speculative decoding.
+`DeepseekV3SFTTrainer` trains on the model's own loss -- next-token + `mtp_loss_weight` x MTP loss + the
+sequence-wise balance loss -- so SFT keeps the MTP module trained for self-speculative decoding. (TRL 1.16's
+`SFTTrainer` computes its loss with a fused LM head that calls the backbone directly, which would silently drop
+both extra terms.) Expert balancing runs through `MoEBalancingCallback` (`balancing_gamma`).
 """
 
 from dataclasses import dataclass
 
-from .common import DataArguments, ModelArguments, load_dataset_split, load_model_and_tokenizer, to_conversation
+import torch
+
+from .common import (
+    DataArguments,
+    ModelArguments,
+    TrainingExtrasArguments,
+    load_dataset_split,
+    load_model_and_tokenizer,
+    to_conversation,
+    training_callbacks,
+)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
 @dataclass
-class SFTScriptArguments(ModelArguments, DataArguments):
+class SFTScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
     pass
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class DeepseekV3SFTTrainer(SFTTrainer):
+        """`SFTTrainer` whose loss is `DeepseekV3ForCausalLM`'s own (main + MTP + balance loss); logs `main_loss`,
+        `mtp_loss`, `aux_loss`, `mean_token_accuracy` and `num_tokens`."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            model_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+            outputs = model(**model_inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
+            with torch.no_grad():
+                labels = inputs["labels"][:, 1:]
+                mask = labels != -100
+                predicted = outputs.logits[:, :-1].argmax(dim=-1)
+                correct = self.accelerator.gather_for_metrics(((predicted == labels) & mask).sum()).sum()
+                valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+                self._metrics[mode]["mean_token_accuracy"].append((correct / valid.clamp(min=1)).item())
+                for name in ("main_loss", "mtp_loss", "aux_loss"):
+                    value = getattr(outputs, name)
+                    if value is not None:
+                        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+                if mode == "train" and "attention_mask" in inputs:
+                    self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return DeepseekV3SFTTrainer
 
 
 def build_sft_dataset(args: DataArguments):
@@ -32,15 +79,13 @@ def build_sft_dataset(args: DataArguments):
 
 
 def build_sft_trainer(script_args: SFTScriptArguments, training_args, callbacks=None):
-    from trl import SFTTrainer
-
     model, tokenizer = load_model_and_tokenizer(script_args)
-    return SFTTrainer(
+    return _sft_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=build_sft_dataset(script_args),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=(callbacks or []) + training_callbacks(script_args),
     )
 
 

@@ -159,6 +159,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        # tokens whose routing counts towards the expert load (balancing): the non-padding ones
+        token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         router_outputs = []
         for layer in self.decoder_layers:
             hidden_states, routing = layer(
@@ -171,7 +173,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             if routing is not None:
                 router_outputs.append(routing)
                 if self.training:
-                    layer.mlp.gate.record_load(routing.topk_indices)
+                    layer.mlp.gate.record_load(routing.topk_indices, token_mask)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -189,7 +191,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 if routing is not None:
                     router_outputs.append(routing)
                     if self.training:
-                        layer.mlp.gate.record_load(routing.topk_indices)
+                        layer.mlp.gate.record_load(routing.topk_indices, token_mask)
                 previous = layer.shared_head(block_out)
                 mtp_hidden_states.append(previous)
             mtp_hidden_states = tuple(mtp_hidden_states)

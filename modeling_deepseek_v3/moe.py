@@ -49,9 +49,11 @@ class DeepseekV3TopkRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Routed-token counts since the last reset (training only); not saved in checkpoints.
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        # What `record_load` counts (set once by the balancing code): only forwards that build a graph (the ones
+        # trained on; not generation / old-policy log-probs run in train mode), and never padding tokens.
         self.track_expert_load = True
-        # Optional [N] bool mask of the tokens to count (e.g. not padding), set around a forward by the balancing code.
-        self.load_mask: torch.Tensor | None = None
+        self.count_no_grad_forwards = False
+        self.count_padding = False
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` must not cast the balancing state: bf16 counts are exact only up to
@@ -101,13 +103,15 @@ class DeepseekV3TopkRouter(nn.Module):
             balance_loss = alpha * sequence_balance_loss(scores, topk_indices, batch_size, self.num_experts)
         return RouterOutput(topk_indices, topk_weights, balance_loss)
 
-    @torch.no_grad()
-    def record_load(self, topk_indices: torch.Tensor) -> None:
-        """Add this forward's routed-token counts to `tokens_per_expert`. Called by the model once per forward
-        (not from `forward`, which gradient checkpointing re-runs during backward and would count twice)."""
-        if self.track_expert_load:
-            if self.load_mask is not None and self.load_mask.numel() == topk_indices.shape[0]:
-                topk_indices = topk_indices[self.load_mask.reshape(-1).to(topk_indices.device, torch.bool)]
+    def record_load(self, topk_indices: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add this forward's routed-token counts to `tokens_per_expert` (token_mask [N] bool: real tokens).
+        Called by the model once per training forward (not from `forward`, which gradient checkpointing re-runs
+        during backward and would count twice)."""
+        if not self.track_expert_load or not (torch.is_grad_enabled() or self.count_no_grad_forwards):
+            return
+        with torch.no_grad():
+            if token_mask is not None and not self.count_padding:
+                topk_indices = topk_indices[token_mask.to(topk_indices.device)]
             counts = torch.bincount(topk_indices.flatten(), minlength=self.num_experts)
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
 

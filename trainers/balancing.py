@@ -279,7 +279,6 @@ class ExpertLoadBalancer:
         self._hooks = []
         self._hooked_model = None
         self._routers: list[RouterInfo] = []
-        self._tracked: list[bool] = []
         self._num_updates = 0
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -303,43 +302,25 @@ class ExpertLoadBalancer:
         self._batch_count = 0
         self._aux_sum = torch.zeros(())
         self._aux_count = 0
-        self._routers = routers
-        self._tracked = [info.router.track_expert_load for info in routers]
         if self._hooked_model is not inner:
             self.stop()
-            self._hooks = [
-                inner.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                inner.register_forward_hook(self._after_forward),
-            ]
+            self._hooks = [inner.register_forward_hook(self._after_forward)]
             self._hooked_model = inner
+        self._routers = routers
+        for info in routers:  # what the model counts (see DeepseekV3TopkRouter.record_load)
+            info.router.count_padding = not self.config.mask_padding
+            info.router.count_no_grad_forwards = self.config.count_no_grad_forwards
 
     def stop(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self._hooked_model = None
-        self._set_load_mask(None)
-        for info, tracked in zip(self._routers, self._tracked):
-            info.router.track_expert_load = tracked
-
-    def _set_load_mask(self, mask: torch.Tensor | None) -> None:
         for info in self._routers:
-            info.router.load_mask = mask
-
-    def _before_forward(self, module, args, kwargs) -> None:
-        # Re-established on every forward, so a forward that raised cannot leave a stale mask or flag behind.
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if not (self.config.mask_padding and module.training and isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            mask = None
-        self._set_load_mask(None if mask is None else mask.reshape(-1).bool())
-        count = self.config.count_no_grad_forwards or torch.is_grad_enabled()
-        for info, tracked in zip(self._routers, self._tracked):
-            info.router.track_expert_load = tracked and count
+            info.router.count_padding = False
+            info.router.count_no_grad_forwards = False
 
     def _after_forward(self, module, args, output) -> None:
-        self._set_load_mask(None)
-        for info, tracked in zip(self._routers, self._tracked):
-            info.router.track_expert_load = tracked
         aux = getattr(output, "aux_loss", None)
         if module.training and aux is not None:
             self._aux_sum = self._aux_sum + aux.detach().float().cpu()

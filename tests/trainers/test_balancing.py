@@ -302,7 +302,6 @@ def test_padding_tokens_are_not_counted():
     assert counted.sum(dim=1).tolist() == [(32 - 10) * 2] * 3
     for layer, routing_counts in enumerate(counted):
         assert routing_counts.sum() < out.router_stats[layer].sum()  # router_stats counts every routed token
-    assert all(info.router.load_mask is None for info in find_routers(model))  # cleared after the forward
     # without mask_padding every routed token counts
     balancer.stop()
     collect_expert_load(model, reset=True)
@@ -324,7 +323,6 @@ def test_only_forwards_with_autograd_are_counted_by_default():
     assert collect_expert_load(model).sum() == 0
     model(input_ids=ids, labels=ids)
     assert collect_expert_load(model).sum(dim=1).tolist() == [2 * 16 * 2] * 3
-    assert all(info.router.track_expert_load for info in find_routers(model))  # restored after the forward
     balancer.stop()
     everything = ExpertLoadBalancer(BalancingConfig(gamma=0.01, count_no_grad_forwards=True))
     everything.start(model)

@@ -160,7 +160,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         # tokens whose routing counts towards the expert load (balancing): the non-padding ones
-        token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:  # [B, past + S]: the last S columns are ours
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
         router_outputs = []
         for layer in self.decoder_layers:
             hidden_states, routing = layer(

@@ -162,3 +162,26 @@ def test_hf_trainer_with_fp8_callback(tmp_path, gemm_counter):
     assert resumed.state.global_step == 4 and fp8_module_names(resumed.model)
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_trl_sft_trainer_with_fp8_callback(tmp_path, gemm_counter):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from deepseek_v3.tokenizer import byte_level_tokenizer
+
+    texts = [f"question {i}: what is {i} plus {3 * i}? answer {4 * i}" for i in range(8)]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", max_length=48, learning_rate=1e-3,
+    )  # fmt: skip  (SFTConfig turns activation checkpointing on: the FP8 forward is recomputed in backward)
+    model = tiny_model()
+    before = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=byte_level_tokenizer(), callbacks=[FP8TrainingCallback()],
+    )  # fmt: skip
+    trainer.train()
+    assert fp8_module_names(trainer.model) and gemm_counter["n"] > 0
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, model.model.layers[1].mlp.experts.gate_up_proj)

@@ -7,7 +7,7 @@ at module import time of the public API; the kernel modules guard the import and
 - ``"triton"``: the Triton kernel (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``);
 - ``"torch"``:  the plain-torch reference with identical semantics;
 - ``None`` / ``"auto"``: ``$DEEPSEEK_V3_FP8_BACKEND`` if set, else Triton for CUDA tensors when Triton is
-  importable, else torch.
+  importable and the GPU has FP8 dots (compute capability >= 8.9), else torch.
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_supports_fp8(device: torch.device) -> bool:
+    """FP8 tensor-core dots need compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def triton_can_run(t: torch.Tensor) -> bool:
-    """True when a Triton kernel can run on tensors living where ``t`` lives."""
+    """True when the FP8 Triton kernels can run on tensors living where ``t`` lives."""
     if not HAS_TRITON:
         return False
     if t.is_cuda:
-        return True
+        return triton_interpret() or cuda_supports_fp8(t.device)
     return t.device.type == "cpu" and triton_interpret()
 
 
@@ -52,7 +57,7 @@ def resolve_backend(t: torch.Tensor, backend: str | None = None) -> str:
     if backend not in _VALID:
         raise ValueError(f"FP8 backend {backend!r} is not one of {_VALID}; pass backend='triton', 'torch' or 'auto'")
     if backend == "auto":
-        return "triton" if (HAS_TRITON and t.is_cuda) else "torch"
+        return "triton" if (t.is_cuda and triton_can_run(t)) else "torch"
     if backend == "triton" and not triton_can_run(t):
         if not HAS_TRITON:
             raise RuntimeError(
@@ -60,7 +65,8 @@ def resolve_backend(t: torch.Tensor, backend: str | None = None) -> str:
                 "install the 'kernels' extra or use backend='torch'"
             )
         raise RuntimeError(
-            f"backend='triton' requested for a tensor on {t.device}; Triton needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before importing triton for CPU). Use backend='torch' instead."
+            f"backend='triton' requested for a tensor on {t.device}; the FP8 kernels need CUDA tensors on a GPU "
+            "with compute capability >= 8.9 (or TRITON_INTERPRET=1 set before importing triton, for CPU). "
+            "Use backend='torch' instead."
         )
     return backend

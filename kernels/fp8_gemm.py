@@ -180,6 +180,10 @@ def _tile_sizes(M: int, N: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+def _num_warps(block_m: int, block_n: int) -> int:
+    return 8 if block_m * block_n >= 64 * 128 else 4
+
+
 def _fp8_gemm_triton(a, a_s, b, b_s, out_dtype):
     M, K = a.shape
     N = b.shape[0]
@@ -191,22 +195,23 @@ def _fp8_gemm_triton(a, a_s, b, b_s, out_dtype):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
         B_BLOCK_SCALE=_b_is_block_scaled(b_s, N), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_SIZE,
-        OUT_BF16=out_dtype == torch.bfloat16,
+        OUT_BF16=out_dtype == torch.bfloat16, num_warps=_num_warps(block_m, block_n), num_stages=3,
     )  # fmt: skip
     return c
 
 
-def _group_tiles(offs: torch.Tensor, block_m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, starts, ends = [], [], []
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        for r in range(start, end, block_m):
-            groups.append(g)
-            starts.append(r)
-            ends.append(end)
-        start = end
-    mk = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    return mk(groups), mk(starts), mk(ends)
+def _group_tiles(offs: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row tiles of ``block_m`` rows that never straddle two groups: (group id, first row, group end) per tile."""
+    offs = offs.to(torch.int64)
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    counts = offs - starts
+    tiles = (counts + block_m - 1) // block_m
+    total = int(tiles.sum())  # one host sync, to size the grid
+    group = torch.repeat_interleave(torch.arange(offs.numel(), device=offs.device), tiles, output_size=total)
+    first_tile = torch.cumsum(tiles, 0) - tiles
+    local = torch.arange(total, device=offs.device) - first_tile[group]
+    row_start = starts[group] + local * block_m
+    return group.to(torch.int32), row_start.to(torch.int32), offs[group].to(torch.int32)
 
 
 def _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype):
@@ -214,7 +219,7 @@ def _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype):
     N = b.shape[1]
     c = torch.zeros((M, N), dtype=out_dtype, device=a.device)
     block_m, block_n = _tile_sizes(max(1, M // max(1, b.shape[0])), N)
-    tg, ts, te = _group_tiles(offs, block_m, a.device)
+    tg, ts, te = _group_tiles(offs.to(a.device), block_m)
     if tg.numel() == 0:
         return c
     grid = (tg.numel(), _cdiv(N, block_n))
@@ -223,7 +228,7 @@ def _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2),
         B_BLOCK_SCALE=_b_is_block_scaled(b_s, N), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_SIZE,
-        OUT_BF16=out_dtype == torch.bfloat16,
+        OUT_BF16=out_dtype == torch.bfloat16, num_warps=_num_warps(block_m, block_n), num_stages=3,
     )  # fmt: skip
     return c
 

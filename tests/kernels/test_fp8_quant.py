@@ -103,3 +103,19 @@ def test_leading_dims_and_errors():
         weight_dequant(qw, sw[:2])
     with pytest.raises(ValueError, match="backend"):
         act_quant(x, backend="cuda")
+
+
+def test_backend_resolution(monkeypatch):
+    from deepseek_v3.kernels._triton_utils import BACKEND_ENV, resolve_backend
+
+    x = torch.zeros(2, 2)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend(x) == "torch" and resolve_backend(x, "auto") == "torch"  # CPU tensors: torch reference
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend(x) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        resolve_backend(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        resolve_backend(x, "triton")

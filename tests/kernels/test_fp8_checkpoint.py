@@ -129,3 +129,34 @@ def test_hf_fp8_linear_routed_through_our_gemm():
     y = holder(x)
     assert y.shape == (3, 5, 96) and holder[0].weight.dtype == torch.float8_e4m3fn
     assert rel_err(y, x @ weight_dequant(q, s, torch.float32).t()) < 0.06
+
+
+def test_scale_in_another_shard(bf16_checkpoint, tmp_path):
+    """A weight_scale_inv stored in a different shard than its weight is fetched on its own."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = bf16_checkpoint
+    fp8 = convert_checkpoint(src, tmp_path / "fp8", "bf16-to-fp8", progress=False)
+    index_file = fp8 / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.layers.0.self_attn.q_a_proj.weight_scale_inv"
+    home = index["weight_map"][name]
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != home)
+    a, b = load_file(fp8 / home), load_file(fp8 / other)
+    b[name] = a.pop(name)
+    save_file(a, fp8 / home)
+    save_file(b, fp8 / other)
+    index["weight_map"][name] = other
+    index_file.write_text(json.dumps(index))
+    out = _tensors(convert_checkpoint(fp8, tmp_path / "bf16", "fp8-to-bf16", progress=False))
+    ref = _tensors(src)
+    w = "model.layers.0.self_attn.q_a_proj.weight"
+    assert set(out) == set(ref) and out[w].dtype == torch.bfloat16
+    assert rel_err(out[w], ref[w]) < 0.05
+    # and a scale missing everywhere is a clear error
+    index["weight_map"].pop(name)
+    b.pop(name)
+    save_file(b, fp8 / other)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(KeyError, match="weight_scale_inv is missing"):
+        convert_checkpoint(fp8, tmp_path / "bf16b", "fp8-to-bf16", progress=False)

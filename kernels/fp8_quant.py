@@ -114,10 +114,12 @@ if HAS_TRITON:
         The subsequent ``.to(float8)`` cast is then exact, which makes the result independent of the cast's own
         rounding mode (and of the interpreter's fp8 conversion)."""
         bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFFF + ((bits >> 20) & 1)  # RNE to 3 mantissa bits
-        bits = bits & 0xFFF00000
-        normal = bits.to(tl.float32, bitcast=True)
-        sub = (y + 24576.0) - 24576.0  # e4m3 subnormal range: multiples of 2^-9
+        sign = bits & 0x80000000
+        rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000  # RNE to 3 mantissa bits
+        normal = rounded.to(tl.float32, bitcast=True)
+        # e4m3 subnormal range: multiples of 2^-9, RNE via the 1.5 * 2^14 trick on |y|; keep the sign (also of -0)
+        sub = (tl.abs(y) + 24576.0) - 24576.0
+        sub = (sub.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
     @triton.jit

@@ -119,3 +119,19 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='torch'"):
         resolve_backend(x, "triton")
+
+
+@requires_triton
+def test_rounding_ties_and_subnormals_bit_identical():
+    """Every e4m3 value and every midpoint between neighbours (ties-to-even), in a tile whose scale is exactly 1."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    pos = torch.unique(grid[torch.isfinite(grid) & (grid >= 0)])  # 0 .. 448, subnormals included
+    mids = (pos[1:] + pos[:-1]) / 2
+    vals = torch.cat([pos, mids, -pos, -mids, mids + 1e-7 * mids, mids - 1e-7 * mids])
+    vals = torch.cat([vals, vals.new_zeros((-vals.numel()) % 128)]).view(-1, 128)
+    vals[:, 0] = 448.0  # amax = 448 -> scale exactly 1
+    q, s = act_quant(vals, backend="triton")
+    qr, sr = act_quant(vals, backend="torch")
+    assert (s == 1).all() and torch.equal(sr, s)
+    assert torch.equal(_bits(q), _bits(qr))
+    assert torch.equal(q[:, 1:].float().flatten()[: pos.numel() - 1], pos[1:])  # representable values are exact

@@ -122,3 +122,16 @@ def test_distill_traces_resume_and_filter(tmp_path, gsm8k_train):
         f.write(json.dumps({"prompt_index": 0, "prompt": "q", "completion": f"#### {answer}", "reward": 1.0, "kept": True}) + "\n")
     dataset = build_student_dataset(args, str(traces))
     assert len(dataset) == 1 and dataset[0]["completion"][0]["content"] == f"#### {answer}"
+
+
+def test_distill_cli_end_to_end(tmp_path, gsm8k_train):
+    out = tmp_path / "distill"
+    cli_main(
+        ["train", "distill", "--config", str(REPO / "recipes" / "distill_r1.yaml"), "--teacher_name_or_path", "tiny",
+         "--model_name_or_path", "tiny", "--dataset_name", gsm8k_train, "--max_samples", "4",
+         "--num_samples_per_prompt", "1", "--max_new_tokens", "16", "--filter_reward", "none", "--max_steps", "2",
+         "--per_device_train_batch_size", "2", "--max_length", "512", "--output_dir", str(out), "--use_cpu", "true",
+         "--save_strategy", "no", "--logging_steps", "1"]
+    )
+    assert len(read_jsonl(out / "traces.jsonl")) == 4
+    assert (out / "model.safetensors").exists()

@@ -103,3 +103,17 @@ def load_dataset_split(args: DataArguments):
 def to_conversation(prompt: str, system_prompt: str | None) -> list[dict]:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": prompt}]
+
+
+def run_training(script_arguments_class, training_config_class, build_trainer, argv: list[str] | None = None):
+    """Parse `--config recipe.yaml` + flags into (script args, TRL config), build the trainer, train (resuming
+    from `resume_from_checkpoint` when set) and save the final model to `output_dir`."""
+    from trl import TrlParser
+
+    parser = TrlParser((script_arguments_class, training_config_class))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    trainer = build_trainer(script_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer
+

@@ -19,6 +19,7 @@ from .common import (
     load_dataset_split,
     load_model_and_tokenizer,
     to_conversation,
+    run_training,
     training_callbacks,
 )
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
@@ -33,11 +34,11 @@ class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArgume
     top_p: float = 0.95
     generation_batch_size: int = 8
     filter_reward: str | None = field(
-        default="gsm8k_accuracy", metadata={"help": "reward that must be 1.0 to keep a trace (None keeps all)"}
+        default="gsm8k_accuracy", metadata={"help": "reward that must be 1.0 to keep a trace ('none' keeps all)"}
     )
     traces_file: str | None = field(default=None, metadata={"help": "default: <output_dir>/traces.jsonl"})
     system_prompt: str | None = field(default=R1_SYSTEM_PROMPT)
-    seed: int = 0
+    generation_seed: int = 0
 
 
 def _done_prompts(path: str) -> set[int]:
@@ -61,10 +62,11 @@ def generate_traces(args: DistillScriptArguments, traces_file: str) -> str:
     teacher.eval()
     tokenizer.padding_side = "left"
     dataset = load_dataset_split(args)
-    reward = get_reward_funcs([args.filter_reward])[0] if args.filter_reward else None
+    keep_all = args.filter_reward is None or args.filter_reward.lower() in ("", "none")
+    reward = None if keep_all else get_reward_funcs([args.filter_reward])[0]
     done = _done_prompts(traces_file)
     todo = [i for i in range(len(dataset)) if i not in done]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.generation_seed)
     os.makedirs(os.path.dirname(os.path.abspath(traces_file)), exist_ok=True)
     with open(traces_file, "a") as out:
         for start in tqdm(range(0, len(todo), args.generation_batch_size), desc="teacher traces"):
@@ -127,22 +129,23 @@ def build_student_dataset(args: DistillScriptArguments, traces_file: str):
     )
 
 
-def main(argv: list[str] | None = None):
-    from trl import SFTConfig, TrlParser
-
+def build_distill_trainer(script_args: DistillScriptArguments, training_args):
+    """Generate (or finish generating) the teacher traces, then build the student's SFT trainer on the kept ones."""
     from .sft import _sft_trainer_class
 
-    script_args, training_args = TrlParser((DistillScriptArguments, SFTConfig)).parse_args_and_config(args=argv)
     traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
     generate_traces(script_args, traces_file)
     student, tokenizer = load_model_and_tokenizer(script_args)
-    trainer = _sft_trainer_class()(
+    return _sft_trainer_class()(
         model=student,
         args=training_args,
         train_dataset=build_student_dataset(script_args, traces_file),
         processing_class=tokenizer,
         callbacks=training_callbacks(script_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    return trainer
+
+
+def main(argv: list[str] | None = None):
+    from trl import SFTConfig
+
+    return run_training(DistillScriptArguments, SFTConfig, build_distill_trainer, argv)

@@ -13,6 +13,7 @@ from .common import (
     load_dataset_split,
     load_model_and_tokenizer,
     to_conversation,
+    run_training,
     training_callbacks,
 )
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
@@ -48,10 +49,6 @@ def build_grpo_trainer(script_args: GRPOScriptArguments, training_args, callback
 
 
 def main(argv: list[str] | None = None):
-    from trl import GRPOConfig, TrlParser
+    from trl import GRPOConfig
 
-    script_args, training_args = TrlParser((GRPOScriptArguments, GRPOConfig)).parse_args_and_config(args=argv)
-    trainer = build_grpo_trainer(script_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    return trainer
+    return run_training(GRPOScriptArguments, GRPOConfig, build_grpo_trainer, argv)

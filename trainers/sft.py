@@ -17,6 +17,7 @@ from .common import (
     load_dataset_split,
     load_model_and_tokenizer,
     to_conversation,
+    run_training,
     training_callbacks,
 )
 
@@ -90,10 +91,6 @@ def build_sft_trainer(script_args: SFTScriptArguments, training_args, callbacks=
 
 
 def main(argv: list[str] | None = None):
-    from trl import SFTConfig, TrlParser
+    from trl import SFTConfig
 
-    script_args, training_args = TrlParser((SFTScriptArguments, SFTConfig)).parse_args_and_config(args=argv)
-    trainer = build_sft_trainer(script_args, training_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    return trainer
+    return run_training(SFTScriptArguments, SFTConfig, build_sft_trainer, argv)

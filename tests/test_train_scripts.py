@@ -135,3 +135,22 @@ def test_distill_cli_end_to_end(tmp_path, gsm8k_train):
     )
     assert len(read_jsonl(out / "traces.jsonl")) == 4
     assert (out / "model.safetensors").exists()
+
+
+def test_sft_with_fp8_switch(tmp_path, gsm8k_train):
+    from deepseek_v3.kernels.fp8_training import fp8_module_names
+    from deepseek_v3.trainers.common import run_training
+    from deepseek_v3.trainers.sft import SFTScriptArguments, build_sft_trainer
+    from trl import SFTConfig
+
+    trainer = run_training(
+        SFTScriptArguments, SFTConfig, build_sft_trainer,
+        ["--config", str(REPO / "recipes" / "sft_tiny.yaml"), "--dataset_name", gsm8k_train, "--fp8", "true",
+         "--max_samples", "8", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "512",
+         "--output_dir", str(tmp_path), "--save_strategy", "no", "--logging_steps", "1"],
+    )
+    names = fp8_module_names(trainer.model)
+    assert "model.layers.1.self_attn.q_b_proj" in names and "model.layers.1.mlp.experts" in names
+    assert not any(n.endswith(("lm_head", "mlp.gate", "eh_proj")) for n in names)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -44,15 +44,24 @@ class TrainingExtrasArguments:
     )
     balancing_update: str = field(default="sign", metadata={"help": "sign or proportional"})
     freeze_router: bool = field(default=False, metadata={"help": "do not train the MoE gate weights"})
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "DeepSeek-V3 block-wise FP8 matmuls (1x128 activations, 128x128 weights), FP32 masters"},
+    )
 
 
 def training_callbacks(args: TrainingExtrasArguments) -> list:
-    """The MoE balancing callback (bias updates, expert-load metrics and plots), configured from the script args."""
+    """The MoE balancing callback (bias updates, expert-load metrics and plots) and, with `fp8`, the FP8 switch."""
     from .balancing import BalancingConfig
     from .callbacks import MoEBalancingCallback
 
     config = BalancingConfig(gamma=args.balancing_gamma, update=args.balancing_update, freeze_router=args.freeze_router)
-    return [MoEBalancingCallback(config)]
+    callbacks = [MoEBalancingCallback(config)]
+    if args.fp8:
+        from deepseek_v3.kernels.fp8_training import FP8TrainingCallback
+
+        callbacks.append(FP8TrainingCallback())
+    return callbacks
 
 
 def load_model_and_tokenizer(args: ModelArguments):

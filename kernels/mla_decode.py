@@ -71,7 +71,7 @@ def _build_kernel():
         stride_ob, stride_oh, stride_os,
         H, S, T, R, DR, scale,
         HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_bs = tl.program_id(0)
         pid_h = tl.program_id(1)
@@ -88,6 +88,9 @@ def _build_kernel():
         q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
         p_ptrs = Q_PE + b * stride_pb + s * stride_ps + offs_h[:, None] * stride_ph + offs_dr[None, :]
         qp = tl.load(p_ptrs, mask=mask_h[:, None] & mask_dr[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16 operands: compute in fp32 there
+            q = q.to(tl.float32)
+            qp = qp.to(tl.float32)
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -105,6 +108,9 @@ def _build_kernel():
                 K_PE + b * stride_kb + offs_t[:, None] * stride_kt + offs_dr[None, :],
                 mask=mask_t[:, None] & mask_dr[None, :], other=0.0,
             )  # [BLOCK_T, BLOCK_DR]  # fmt: skip
+            if UPCAST:
+                c = c.to(tl.float32)
+                kp = kp.to(tl.float32)
             scores = tl.dot(q, tl.trans(c), input_precision=PRECISION)
             scores += tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
             scores = scores * scale  # [BLOCK_H, BLOCK_T] fp32
@@ -150,10 +156,11 @@ def mla_decode_attention(
     k_pe: torch.Tensor,
     scaling: float,
     bias: torch.Tensor | None = None,
-    block_t: int = 64,
+    block_t: int | None = None,
     block_h: int = 16,
 ) -> torch.Tensor:
-    """Triton absorbed-MLA attention; see the module docstring for shapes. Returns o_lat [B, H, S, r]."""
+    """Triton absorbed-MLA attention; see the module docstring for shapes. Returns o_lat [B, H, S, r].
+    block_t: cache tokens per tile (default 64, 32 for r > 256 so a [BLOCK_T, r] latent tile stays small)."""
     batch, heads, seq, rank = q_lat.shape
     length, rope_dim = c_kv.shape[2], k_pe.shape[-1]
     if not (q_lat.is_cuda or _interpret()):
@@ -176,6 +183,8 @@ def mla_decode_attention(
         bias_arg, stride_bb, stride_bs = c, 0, 0  # unused
     # tl.dot wants every dim >= 16 on GPUs: pad the tiles (masked loads)
     block_r, block_dr = max(16, _next_pow2(rank)), max(16, _next_pow2(rope_dim))
+    if block_t is None:
+        block_t = 64 if block_r <= 256 else 32
     precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"
     grid = (batch * seq, -(-heads // block_h))
     _kernel()[grid](
@@ -188,6 +197,6 @@ def mla_decode_attention(
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq, length, rank, rope_dim, float(scaling),
         HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_DR=block_dr,
-        PRECISION=precision,
+        PRECISION=precision, UPCAST=_interpret() and q_lat.dtype == torch.bfloat16, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

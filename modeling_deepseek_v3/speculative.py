@@ -256,7 +256,7 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
     if input_ids is None:
         raise ValueError("use_mtp=True needs `input_ids`")
     attention_mask = model_kwargs.pop("attention_mask", None)
-    unsupported = {k: v for k, v in model_kwargs.items() if v is not None and k not in ("use_cache", "streamer")}
+    unsupported = {k: v for k, v in model_kwargs.items() if v is not None and k != "use_cache"}
     if unsupported:
         raise ValueError(f"use_mtp=True does not support the generate arguments {sorted(unsupported)}")
     decoder = MTPSpeculativeDecoder(model, generation_config)

@@ -89,3 +89,13 @@ def test_model_decode_with_triton_backend():
                 steps.append(out.logits[:, -1])
         logits[backend] = torch.stack(steps, 1)
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_precision(dtype):
+    """bf16 / fp16 cache and queries (fp32 softmax statistics and accumulation inside the kernel)."""
+    q_lat, q_pe, c_kv, k_pe = inputs(2, 4, 2, 45, 32, 8, seed=2, dtype=dtype)
+    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.1, block_t=16)
+    assert got.dtype == dtype
+    ref = mla_decode_attention_torch(q_lat, q_pe, c_kv, k_pe, 0.1)  # fp32 math on the same inputs
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

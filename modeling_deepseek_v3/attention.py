@@ -135,13 +135,15 @@ class DeepseekV3Attention(nn.Module):
             return False
         if mode != "auto":
             raise ValueError(f"mla_absorb={mode!r}: use one of {ABSORB_MODES} (or a bool)")
-        if self.training or past_len == 0:
+        if self.training or past_len == 0 or self.kv_b_proj.weight.element_size() < 2:  # fp8-stored weight: expand
             return False
         r = self.kv_lora_rank
         return query_len * (2 * r - self.qk_nope_head_dim - self.v_head_dim) < r * (self.qk_nope_head_dim + self.v_head_dim)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy)."""
+        if self.kv_b_proj.weight.element_size() < 2:
+            raise ValueError("absorbed MLA needs kv_b_proj's weight in a 16/32-bit float dtype, not stored as FP8")
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 

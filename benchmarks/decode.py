@@ -154,7 +154,7 @@ def main():
     variants = {
         "(a) transformers built-in": lambda p: time_plain_decode(builtin, p, args.new_tokens),
         "(b) ours, expanded": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="off"),
-        "(c) ours, absorbed": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="on"),
+        "(c) ours, absorbed": lambda p: time_plain_decode(ours, p, args.new_tokens),  # "auto": absorbed decode
         "(d) ours, absorbed + MTP": lambda p: time_speculative_decode(ours, p, args.new_tokens),
     }
     warm = progressions(1, 32, span, torch.Generator().manual_seed(7))

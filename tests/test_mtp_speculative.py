@@ -87,6 +87,10 @@ def test_greedy_identical_trained_model(trained_tiny):
     stats = trained_tiny.speculative_stats
     assert stats.target_forwards < 40  # ... so fewer main-model forwards than tokens
     assert stats.mean_accepted_tokens == pytest.approx(spec.mean_accepted_tokens)
+    # rows disagreed at some step (one accepted, another rejected): a dead slot stayed masked for one row only
+    generated_slots = trained_tiny.speculative_decoder.attention_mask[:, ids.shape[1] :]
+    mixed_columns = (generated_slots == 0).any(dim=0) & (generated_slots == 1).any(dim=0)
+    assert bool(mixed_columns.any())
 
 
 def test_use_mtp_from_generation_config(trained_tiny):

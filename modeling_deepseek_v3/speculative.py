@@ -89,6 +89,14 @@ class MTPSpeculativeDecoder:
             raise ValueError("use_mtp=True needs a model with MTP modules (config.num_nextn_predict_layers >= 1)")
         if (generation_config.num_beams or 1) > 1:
             raise ValueError("use_mtp=True supports greedy decoding and sampling, not beam search")
+        unsupported = {  # logits processors this loop does not apply (it applies temperature, top-k and top-p)
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
+            "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None,
+            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_return_sequences": 1,
+        }  # fmt: skip
+        used = [k for k, default in unsupported.items() if getattr(generation_config, k, None) not in (None, default)]
+        if used:
+            raise ValueError(f"use_mtp=True does not support the generation options {used}")
         self.model = model
         self.config = model.config
         self.mtp = model.model.mtp_layers[0]

@@ -187,14 +187,13 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             for k, layer in enumerate(self.mtp_layers[:mtp_depth], start=1):
                 # Emb(token_{t+k}) at position t; the last k positions have no such token (masked in the loss).
                 next_embeds = torch.roll(inputs_embeds, shifts=-k, dims=1)
-                block_out, routing = layer(
+                previous, routing = layer(
                     previous, next_embeds, position_embeddings=position_embeddings, attention_mask=causal_mask, **kwargs
                 )
                 if routing is not None:
                     router_outputs.append(routing)
                     if self.training:
                         layer.mlp.gate.record_load(routing.topk_indices, token_mask)
-                previous = layer.shared_head(block_out)
                 mtp_hidden_states.append(previous)
             mtp_hidden_states = tuple(mtp_hidden_states)
 

@@ -50,12 +50,16 @@ class DeepseekV3MultiTokenPredictionLayer(DeepseekV3DecoderLayer):
         **kwargs,
     ):
         """previous_hidden_states h^{k-1} [B, S, D], next_token_embeds Emb(token_{t+k}) [B, S, D]
-        -> (h^k [B, S, D] before shared_head.norm, routing of the block)."""
+        -> (shared_head.norm(h^k) [B, S, D], ready for the output head and for depth k+1; routing of the block).
+
+        The final norm runs inside this forward so that everything the module owns is used while its parameters
+        are gathered (FSDP shards each layer separately)."""
         combined = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(previous_hidden_states)), dim=-1))
-        return super().forward(
+        hidden_states, routing = super().forward(
             combined,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
+        return self.shared_head(hidden_states), routing

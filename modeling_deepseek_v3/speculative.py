@@ -138,7 +138,7 @@ class MTPSpeculativeDecoder:
         position_embeddings = self.model.model.rotary_emb(embeds, positions)
         out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d,
                           past_key_values=cache)  # fmt: skip
-        return self.model.lm_head(self.mtp.shared_head(out))
+        return self.model.lm_head(out)
 
     def target(self, ids, mask2d, positions, cache):
         """Main model -> (normed hidden [B, S, D], logits [B, S, V], the 4D mask of this step for the MTP block)."""

@@ -29,8 +29,9 @@ def _worker(rank, init_file, mode, result_dir):
         else:
             from torch.distributed.fsdp import fully_shard
 
-            # root-level sharding only: fully_shard on each of model.model.layers fails inside the model itself,
-            # with or without FP8 (RMSNorm: "mixed torch.Tensor and DTensor"), as of this commit
+            if mode == "fsdp_per_layer":  # the usual recipe: one FSDP unit per decoder layer (MTP layer included)
+                for layer in model.model.layers:
+                    fully_shard(layer)
             wrapped = fully_shard(model)
         opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
         enable_fp8(wrapped)  # after wrapping and optimizer creation
@@ -47,7 +48,7 @@ def _worker(rank, init_file, mode, result_dir):
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
-        if mode == "fsdp":
+        if mode.startswith("fsdp"):
             state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
         else:
             state = model.state_dict()
@@ -57,9 +58,9 @@ def _worker(rank, init_file, mode, result_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_per_layer"])
 def test_fp8_under_data_parallel(mode, tmp_path):
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) not in this torch")
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.start_processes(_worker, args=(init_file, mode, str(tmp_path)), nprocs=WORLD, start_method="spawn")

@@ -9,7 +9,7 @@ Same config (`small` by default) and the same weights in all four:
 
 The weights are the `small` model trained briefly on a synthetic corpus (arithmetic progressions) so that the MTP
 head drafts well; they are cached in --weights-dir and reused. For each context length the prompt is one such
-sequence (batch 1); prefill is timed separately from decoding; decoding is greedy for --new-tokens tokens.
+sequence per row (--batch rows, default 1); prefill is timed separately from decoding; decoding is greedy for --new-tokens tokens.
 
     python benchmarks/decode.py                      # small, contexts 256 1024 4096, 1 thread
     python benchmarks/decode.py --contexts 256 --new-tokens 16 --train-steps 20   # quick look
@@ -100,7 +100,7 @@ def time_plain_decode(model, prompt: torch.Tensor, new_tokens: int, **forward_kw
     decode = time.perf_counter() - start
     return {
         "prefill_s": prefill,
-        "decode_tok_s": new_tokens / decode,
+        "decode_tok_s": prompt.shape[0] * new_tokens / decode,
         "bytes": cache_bytes_per_token_per_layer(cache)[0],
         "tokens": torch.cat(tokens, 1),
     }
@@ -114,7 +114,7 @@ def time_speculative_decode(model, prompt: torch.Tensor, new_tokens: int) -> dic
     decoder = model.speculative_decoder
     return {
         "prefill_s": stats.prefill_seconds,
-        "decode_tok_s": new_tokens / stats.decode_seconds,
+        "decode_tok_s": prompt.shape[0] * new_tokens / stats.decode_seconds,
         "bytes": cache_bytes_per_token_per_layer(decoder.cache)[0],
         "tokens": sequences[:, prompt.shape[1] :],
         "acceptance": stats.acceptance_rate,
@@ -127,6 +127,7 @@ def main():
     parser.add_argument("--config", default="small")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (different progressions)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant and context; the best is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared host)")
     parser.add_argument("--weights-dir", default=os.path.join("benchmarks", ".cache", "small-progressions"))
@@ -163,7 +164,7 @@ def main():
 
     rows = []
     for context in args.contexts:
-        prompt = progressions(1, context, span, torch.Generator().manual_seed(context))
+        prompt = progressions(args.batch, context, span, torch.Generator().manual_seed(context))
         results = {}
         for name, run in variants.items():  # best of --repeats: the host is shared, noise only slows runs down
             runs = [run(prompt) for _ in range(args.repeats)]
@@ -182,7 +183,8 @@ def main():
                   flush=True)  # fmt: skip
 
     print()
-    print(f"config `{args.config}`, fp32, CPU, {args.threads} thread(s), batch 1, {args.new_tokens} greedy decode tokens,"
+    print(f"config `{args.config}`, fp32, CPU, {args.threads} thread(s), batch {args.batch}, {args.new_tokens} greedy "
+          f"decode tokens per row (tok/s counts all rows),"
           f" best of {args.repeats} runs")  # fmt: skip
     print()
     print("| context | variant | prefill (s) | decode tok/s | vs (a) | cache B/token/layer | acceptance | tok/forward |")

@@ -16,6 +16,18 @@ from data_files import DATA_ENV, default_data_dir, require_file  # noqa: E402
 __all__ = ["require_file"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_intra_op_thread():
+    """The suite runs tiny models and small kernels: with one intra-op thread they are overhead-bound and fast, while
+    OpenMP barriers across threads on a small shared CPU made them 10-1000x slower. Restored at the end."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Directory with the real benchmark files.

@@ -9,15 +9,6 @@ from deepseek_v3.attention import absorbed_attention_torch, attention_bias
 from deepseek_v3.speculative import cache_bytes_per_token_per_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tiny-model tests are overhead-bound: one intra-op thread is faster and leaves the other core free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(attn_implementation: str = "sdpa", seed: int = 0):
     torch.manual_seed(seed)
     config = deepseek_v3.load_config("tiny")

@@ -12,15 +12,6 @@ from deepseek_v3.kernels.mla_decode import mla_decode_attention, mla_decode_atte
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tiny-model tests are overhead-bound: one intra-op thread is faster and leaves the other core free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inputs(B, H, S, T, r, dr, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape: (torch.randn(*shape, generator=g) * 2).to(DEVICE, dtype)  # noqa: E731

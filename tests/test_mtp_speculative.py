@@ -12,15 +12,6 @@ from deepseek_v3.speculative import SpeculativeGenerateOutput
 PAD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tiny-model tests are overhead-bound: one intra-op thread is faster and leaves the other core free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def progressions(n: int, length: int, generator: torch.Generator, low: int = 3, span: int = 64) -> torch.Tensor:
     """Arithmetic progressions mod `span` (random start, stride 1..3): predictable 1 and 2 tokens ahead."""
     start = torch.randint(0, span, (n, 1), generator=generator)

@@ -45,14 +45,6 @@ def _mean_maxvio(history) -> list[float]:
     return [sum(e["maxvio_step"]) / len(e["maxvio_step"]) for e in history]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is shared: keep the Trainer runs on one core
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train_skewed(tmp_path, gamma, steps=40, **config):
     model = tiny_model(seed=0)
     skew_router(model)

@@ -84,6 +84,7 @@ def maxvio_figure(history: Sequence[dict], layer_labels: Sequence[str], title: s
         ax.plot(steps, torch.nanmean(batch_vio.float(), dim=1).numpy(), color="black", linestyle="--",
                 linewidth=1.5, label="mean over layers (batch)")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("MaxVio (max load / mean load - 1)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)

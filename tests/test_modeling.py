@@ -230,3 +230,22 @@ def test_auto_classes_are_ours():
 
     assert AutoConfig.for_model("deepseek_v3").__class__ is DeepseekV3Config
     assert AutoModel.from_config(load_config("tiny")).__class__ is deepseek_v3.DeepseekV3Model
+
+
+def test_mtp_layer_dropped_on_request(tmp_path, padded_batch):
+    """Loading an MTP checkpoint with num_nextn_predict_layers=0 skips the MTP layer explicitly (no unexpected keys)
+    and leaves the main model's logits unchanged."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(load_config("tiny")).eval()
+    model.save_pretrained(tmp_path)
+    main_only, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, num_nextn_predict_layers=0, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(main_only.model.layers) == model.config.num_hidden_layers
+    input_ids, attention_mask = padded_batch
+    with torch.no_grad():
+        torch.testing.assert_close(
+            main_only.eval()(input_ids, attention_mask=attention_mask).logits,
+            model(input_ids, attention_mask=attention_mask).logits,
+        )

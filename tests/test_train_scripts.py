@@ -154,3 +154,26 @@ def test_sft_with_fp8_switch(tmp_path, gsm8k_train):
     assert not any(n.endswith(("lm_head", "mlp.gate", "eh_proj")) for n in names)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_parses(recipe):
+    """Each YAML recipe only uses keys its script and TRL config know (typos fail here, not on a cluster)."""
+    from trl import GRPOConfig, SFTConfig, TrlParser
+
+    from deepseek_v3.trainers.distill import DistillScriptArguments
+    from deepseek_v3.trainers.grpo import GRPOScriptArguments
+    from deepseek_v3.trainers.sft import SFTScriptArguments
+
+    classes = {
+        "sft": (SFTScriptArguments, SFTConfig),
+        "grpo": (GRPOScriptArguments, GRPOConfig),
+        "distill": (DistillScriptArguments, SFTConfig),
+    }[recipe.split("_")[0]]
+    import torch
+
+    cpu_overrides = [] if torch.cuda.is_available() else ["--bf16", "false"]  # GPU recipes say bf16: true
+    script_args, training_args = TrlParser(classes).parse_args_and_config(
+        args=["--config", str(REPO / "recipes" / recipe), *cpu_overrides]
+    )
+    assert script_args.model_name_or_path and training_args.output_dir.startswith("outputs/")

@@ -70,7 +70,7 @@ def extract_flexible(completion: str) -> str | None:
     return found[-1].replace("$", "").replace(" ", "") if found else None
 
 
-def _same(a: str | None, gold: str) -> bool:
+def same_number(a: str | None, gold: str) -> bool:
     x, y = to_number(a), to_number(gold)
     return x is not None and y is not None and x == y
 
@@ -121,8 +121,8 @@ class GSM8K(Task):
             "extracted": flexible,
             "extracted_strict": strict,
             "gold": doc["gold"],
-            "correct": _same(flexible, doc["gold"]),
-            "correct_strict": _same(strict, doc["gold"]),
+            "correct": same_number(flexible, doc["gold"]),
+            "correct_strict": same_number(strict, doc["gold"]),
         }
 
     def aggregate(self, docs: Sequence[dict], records: dict[str, list[dict]]) -> dict[str, Any]:

@@ -9,8 +9,7 @@ GSM8K reward the GSM8K flexible match, and the code reward runs the program in t
 import re
 
 from deepseek_v3.eval.code_utils import extract_code_block
-from deepseek_v3.eval.gsm8k import _same as _same_number
-from deepseek_v3.eval.gsm8k import extract_flexible
+from deepseek_v3.eval.gsm8k import extract_flexible, gold_answer, same_number
 from deepseek_v3.eval.math_grading import grade
 from deepseek_v3.eval.sandbox import run_code
 
@@ -50,11 +49,10 @@ def math_accuracy_reward(completions, answer, **kwargs) -> list[float]:
 
 def gsm8k_accuracy_reward(completions, answer, **kwargs) -> list[float]:
     """GSM8K: the last number of the final answer equals the gold number after '####' in the `answer` column."""
-    rewards = []
-    for completion, solution in zip(completions, answer):
-        gold = str(solution).split("####")[-1].strip().replace(",", "")
-        rewards.append(float(_same_number(extract_flexible(answer_part(completion_text(completion))), gold)))
-    return rewards
+    return [
+        float(same_number(extract_flexible(answer_part(completion_text(c))), gold_answer(str(solution))))
+        for c, solution in zip(completions, answer)
+    ]
 
 
 def code_reward(completions, test, entry_point=None, timeout: float = 10.0, **kwargs) -> list[float]:

@@ -20,7 +20,7 @@ from transformers.modeling_utils import PreTrainedModel
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .decoder_layer import DeepseekV3DecoderLayer
 from .layers import DeepseekV3RMSNorm
-from .moe import DeepseekV3Experts, DeepseekV3MoE, DeepseekV3TopkRouter, RouterOutput
+from .moe import DeepseekV3Experts, DeepseekV3TopkRouter, RouterOutput
 from .mtp import DeepseekV3MultiTokenPredictionLayer
 from .rope import DeepseekV3RotaryEmbedding, compute_inv_freq
 
@@ -164,6 +164,14 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:  # [B, past + S]: the last S columns are ours
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
         router_outputs = []
+
+        def record_routing(layer, routing: RouterOutput | None) -> None:
+            """Keep a MoE layer's routing for the output and, in training, add it to its router's expert load."""
+            if routing is not None:
+                router_outputs.append(routing)
+                if self.training:
+                    layer.mlp.gate.record_load(routing.topk_indices, token_mask)
+
         for layer in self.decoder_layers:
             hidden_states, routing = layer(
                 hidden_states,
@@ -172,10 +180,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 past_key_values=past_key_values,
                 **kwargs,
             )
-            if routing is not None:
-                router_outputs.append(routing)
-                if self.training:
-                    layer.mlp.gate.record_load(routing.topk_indices, token_mask)
+            record_routing(layer, routing)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -190,10 +195,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 previous, routing = layer(
                     previous, next_embeds, position_embeddings=position_embeddings, attention_mask=causal_mask, **kwargs
                 )
-                if routing is not None:
-                    router_outputs.append(routing)
-                    if self.training:
-                        layer.mlp.gate.record_load(routing.topk_indices, token_mask)
+                record_routing(layer, routing)
                 mtp_hidden_states.append(previous)
             mtp_hidden_states = tuple(mtp_hidden_states)
 
@@ -345,5 +347,4 @@ __all__ = [
     "DeepseekV3ForCausalLM",
     "DeepseekV3ModelOutput",
     "DeepseekV3CausalLMOutputWithPast",
-    "DeepseekV3MoE",
 ]

@@ -174,7 +174,7 @@ class DeepseekV3Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, D], topk_indices/topk_weights [N, K] -> weighted sum of expert outputs [N, D]."""
-        num_tokens, top_k = topk_indices.shape
+        top_k = topk_indices.shape[1]
         flat_experts = topk_indices.flatten()
         order = flat_experts.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token_idx = order // top_k

@@ -6,9 +6,12 @@ the latent c_kv [r] and the rotated rope key k_pe [dr]. For a query row (batch b
     score_t = (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t]) * scale + bias[s, t]
     o_lat[h] = sum_t softmax(score)_t * c_kv[t]                              -> [r], multiplied by W_UV afterwards
 
-The Triton kernel gives each program a block of BLOCK_H heads of one (b, s) and streams the cache in BLOCK_T
-tiles: each latent tile is loaded once and used twice (scores and output) for all heads of the block -- the MQA-like
-sharing that makes absorbed MLA memory-efficient. Softmax statistics (running max, running sum) are kept in fp32.
+The Triton kernel gives each program a block of BLOCK_H heads of one (b, s) and one split of the cache, which it
+streams in BLOCK_T tiles: each latent tile is loaded once and used twice (scores and output) for all heads of the
+block -- the MQA-like sharing that makes absorbed MLA memory-efficient. Softmax statistics (running max, running
+sum) are kept in fp32. With few (b, s, head-block) programs -- batch 1 decoding -- the cache is split along T
+(flash-decoding) so every SM gets work: each split writes its unnormalized output and its (max, sum), and
+`combine_splits` merges them exactly (rescale by exp(m_split - m) and divide by the merged sum).
 
 Shapes: q_lat [B, H, S, r], q_pe [B, H, S, dr], c_kv [B, 1, T, r], k_pe [B, 1, T, dr], bias [B, 1, S, T] additive
 (0 / very negative) or None = causal with the S queries being the last S cache positions. Output [B, H, S, r].
@@ -62,19 +65,21 @@ def _build_kernel():
 
     @triton.jit
     def _mla_decode_kernel(
-        Q_LAT, Q_PE, C_KV, K_PE, BIAS, OUT,
+        Q_LAT, Q_PE, C_KV, K_PE, BIAS, OUT, M_OUT, L_OUT,
         stride_qb, stride_qh, stride_qs,
         stride_pb, stride_ph, stride_ps,
         stride_cb, stride_ct,
         stride_kb, stride_kt,
         stride_bb, stride_bs,
-        stride_ob, stride_oh, stride_os,
-        H, S, T, R, DR, scale,
+        stride_on, stride_oh,
+        H, S, T, R, DR, scale, SPLIT_T,
         HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORMALIZE: tl.constexpr,
     ):  # fmt: skip
         pid_bs = tl.program_id(0)
         pid_h = tl.program_id(1)
+        pid_split = tl.program_id(2)
+        num_splits = tl.num_programs(2)
         b = pid_bs // S
         s = pid_bs % S
         offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
@@ -97,9 +102,11 @@ def _build_kernel():
         acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
         causal_limit = T - S + s  # without a bias: query s sees keys 0 .. T - S + s
 
-        for start in range(0, T, BLOCK_T):
+        split_start = pid_split * SPLIT_T  # this program's keys: split_start .. split_end - 1
+        split_end = tl.minimum(split_start + SPLIT_T, T)
+        for start in range(split_start, split_end, BLOCK_T):
             offs_t = start + tl.arange(0, BLOCK_T)
-            mask_t = offs_t < T
+            mask_t = offs_t < split_end
             c = tl.load(
                 C_KV + b * stride_cb + offs_t[:, None] * stride_ct + offs_r[None, :],
                 mask=mask_t[:, None] & mask_r[None, :], other=0.0,
@@ -130,10 +137,16 @@ def _build_kernel():
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
             m_i = m_new
 
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_i[:, None]
-        o_ptrs = OUT + b * stride_ob + s * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
+        # row n = (b, s, split) of the [B * S * splits, H, R] outputs; one split: the normalized result, else the
+        # unnormalized accumulator and its statistics for combine_splits
+        n = pid_bs * num_splits + pid_split
+        if NORMALIZE:
+            acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        else:
+            tl.store(M_OUT + n * H + offs_h, m_i, mask=mask_h)
+            tl.store(L_OUT + n * H + offs_h, l_i, mask=mask_h)
+        o_ptrs = OUT + n * stride_on + offs_h[:, None] * stride_oh + offs_r[None, :]
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
 
     return _mla_decode_kernel
 
@@ -149,6 +162,25 @@ def _next_pow2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Merge per-split online-softmax results. acc [N, splits, H, r] (unnormalized, fp32), m / l [N, splits, H]
+    (running max / sum of each split; m = -inf for a split with no visible key) -> [N, H, r] fp32."""
+    m_all = m.amax(1, keepdim=True)  # [N, 1, H]
+    weight = torch.exp(m - torch.where(torch.isinf(m_all), 0.0, m_all))  # 0 for empty splits
+    total = (l * weight).sum(1)  # [N, H]
+    out = (acc * weight.unsqueeze(-1)).sum(1)
+    return out / torch.where(total == 0.0, 1.0, total).unsqueeze(-1)
+
+
+def default_num_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
+    """Cache splits so that about two programs run per SM, each split keeping at least 4 tiles of keys."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * sms // max(programs, 1))
+    return max(1, min(wanted, length // (4 * block_t)))
+
+
 def mla_decode_attention(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -158,9 +190,11 @@ def mla_decode_attention(
     bias: torch.Tensor | None = None,
     block_t: int | None = None,
     block_h: int = 16,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Triton absorbed-MLA attention; see the module docstring for shapes. Returns o_lat [B, H, S, r].
-    block_t: cache tokens per tile (default 64, 32 for r > 256 so a [BLOCK_T, r] latent tile stays small)."""
+    block_t: cache tokens per tile (default 64, 32 for r > 256 so a [BLOCK_T, r] latent tile stays small);
+    num_splits: parts of the cache processed by separate programs (default: enough to fill the GPU, 1 on CPU)."""
     batch, heads, seq, rank = q_lat.shape
     length, rope_dim = c_kv.shape[2], k_pe.shape[-1]
     if not (q_lat.is_cuda or _interpret()):
@@ -173,7 +207,6 @@ def mla_decode_attention(
         c = c.contiguous()
     if kp.stride(-1) != 1:
         kp = kp.contiguous()
-    out = torch.empty_like(q_lat)
     if bias is not None:
         bias = bias.expand(batch, 1, seq, length)
         if bias.stride(-1) != 1:
@@ -185,18 +218,37 @@ def mla_decode_attention(
     block_r, block_dr = max(16, _next_pow2(rank)), max(16, _next_pow2(rope_dim))
     if block_t is None:
         block_t = 64 if block_r <= 256 else 32
+    head_blocks = -(-heads // block_h)
+    if num_splits is None:
+        num_splits = default_num_splits(batch * seq * head_blocks, length, block_t, q_lat.device)
+    split_t = -(-max(length, 1) // num_splits)
+    split_t = -(-split_t // block_t) * block_t  # whole tiles per split
+    num_splits = -(-max(length, 1) // split_t)
+    rows = batch * seq * num_splits  # outputs [B * S * splits, H, r]; a single split writes the final result
+    if num_splits == 1:
+        out = torch.empty(rows, heads, rank, device=q_lat.device, dtype=q_lat.dtype)
+        m_out = l_out = out  # unused
+    else:
+        out = torch.empty(rows, heads, rank, device=q_lat.device, dtype=torch.float32)
+        m_out = torch.empty(rows, heads, device=q_lat.device, dtype=torch.float32)
+        l_out = torch.empty_like(m_out)
     precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"
-    grid = (batch * seq, -(-heads // block_h))
+    grid = (batch * seq, head_blocks, num_splits)
     _kernel()[grid](
-        q_lat, q_pe, c, kp, bias_arg, out,
+        q_lat, q_pe, c, kp, bias_arg, out, m_out, l_out,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
         q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         c.stride(0), c.stride(1),
         kp.stride(0), kp.stride(1),
         stride_bb, stride_bs,
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, seq, length, rank, rope_dim, float(scaling),
+        out.stride(0), out.stride(1),
+        heads, seq, length, rank, rope_dim, float(scaling), split_t,
         HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_DR=block_dr,
-        PRECISION=precision, UPCAST=_interpret() and q_lat.dtype == torch.bfloat16, num_warps=4, num_stages=2,
+        PRECISION=precision, UPCAST=_interpret() and q_lat.dtype == torch.bfloat16, NORMALIZE=num_splits == 1,
+        num_warps=4 if block_h * block_r <= 16 * 512 else 8, num_stages=2,
     )  # fmt: skip
-    return out
+    if num_splits > 1:
+        shape = (batch * seq, num_splits, heads)
+        out = combine_splits(out.view(*shape, rank), m_out.view(shape), l_out.view(shape)).to(q_lat.dtype)
+    # [B * S, H, r] -> [B, H, S, r]
+    return out.view(batch, seq, heads, rank).transpose(1, 2)

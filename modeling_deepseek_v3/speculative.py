@@ -184,6 +184,8 @@ class MTPSpeculativeDecoder:
         done = torch.isin(first, eos) | (n_out >= max_new)
         current = first  # last emitted token, not yet fed to the main model
         position = positions[:, -1] + 1  # its position
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the prefill's kernels end before the decode clock starts
         decode_start = time.perf_counter()
         self.stats.prefill_seconds = decode_start - start
 

@@ -27,16 +27,19 @@ def inputs(B, H, S, T, r, dr, seed=0, dtype=torch.float32):
         (1, 16, 1, 9, 64, 16),  # a full head block, T smaller than a tile
     ],
 )
-def test_kernel_matches_reference_causal(B, H, S, T, r, dr):
+@pytest.mark.parametrize("num_splits", [1, 3])  # 3: the cache split along T, partial results combined
+def test_kernel_matches_reference_causal(B, H, S, T, r, dr, num_splits):
     q_lat, q_pe, c_kv, k_pe = inputs(B, H, S, T, r, dr)
     scale = 0.17
-    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, scale, block_t=32)
+    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, scale, block_t=32, num_splits=num_splits)
     ref = mla_decode_attention_torch(q_lat, q_pe, c_kv, k_pe, scale)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_with_padding_bias():
-    """Left padding and a dead slot (a rejected draft) given as an additive bias, one row fully padded but one key."""
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_kernel_with_padding_bias(num_splits):
+    """Left padding and a dead slot (a rejected draft) given as an additive bias, one row fully padded but one key;
+    with 4 splits of 16 keys, row 2's first splits see no key at all."""
     B, H, S, T, r, dr = 3, 4, 2, 50, 32, 8
     q_lat, q_pe, c_kv, k_pe = inputs(B, H, S, T, r, dr, seed=1)
     visible = torch.ones(B, 1, S, T, dtype=torch.bool, device=DEVICE).tril(T - S)
@@ -44,7 +47,7 @@ def test_kernel_with_padding_bias():
     visible[1, ..., 20] = False  # a hole
     visible[2, ..., : T - S] = False  # only the new tokens are visible
     bias = torch.zeros(B, 1, S, T, device=DEVICE).masked_fill(~visible, torch.finfo(torch.float32).min)
-    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.2, bias, block_t=16)
+    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.2, bias, block_t=16, num_splits=num_splits)
     ref = mla_decode_attention_torch(q_lat, q_pe, c_kv, k_pe, 0.2, bias)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # the mask matters: dropping it changes the result
@@ -83,10 +86,29 @@ def test_model_decode_with_triton_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_half_precision(dtype):
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_kernel_half_precision(dtype, num_splits):
     """bf16 / fp16 cache and queries (fp32 softmax statistics and accumulation inside the kernel)."""
     q_lat, q_pe, c_kv, k_pe = inputs(2, 4, 2, 45, 32, 8, seed=2, dtype=dtype)
-    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.1, block_t=16)
+    got = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.1, block_t=16, num_splits=num_splits)
     assert got.dtype == dtype
     ref = mla_decode_attention_torch(q_lat, q_pe, c_kv, k_pe, 0.1)  # fp32 math on the same inputs
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_combine_splits_equals_one_softmax():
+    """Merging per-split (unnormalized output, max, sum) gives the softmax over all keys; an empty split (max -inf,
+    sum 0) contributes nothing."""
+    from deepseek_v3.kernels.mla_decode import combine_splits
+
+    g = torch.Generator().manual_seed(3)
+    scores, values = torch.randn(2, 3, 12, generator=g) * 3, torch.randn(2, 12, 5, generator=g)  # [N, H, T], [N, T, r]
+    scores[1, :, :4] = float("-inf")  # split 0 of row 1 sees nothing
+    ref = torch.einsum("nht,ntr->nhr", scores.softmax(-1), values)
+    parts = [(scores[..., i : i + 4], values[:, i : i + 4]) for i in (0, 4, 8)]
+    m = torch.stack([s.amax(-1) for s, _ in parts], 1)  # [N, splits, H]
+    safe = torch.where(torch.isinf(m), 0.0, m)
+    p = [torch.exp(s - safe[:, i, :, None]) for i, (s, _) in enumerate(parts)]
+    l = torch.stack([x.sum(-1) for x in p], 1)
+    acc = torch.stack([torch.einsum("nht,ntr->nhr", x, v) for x, (_, v) in zip(p, parts)], 1)
+    torch.testing.assert_close(combine_splits(acc, m, l), ref)

@@ -54,7 +54,9 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 
 def _quantize_tiles_torch(xt: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """xt: fp32 tiles [..., tile], amax: [..., 1]. Returns fp8 tiles and fp32 scales [...]."""
-    s = amax.clamp_min(AMAX_EPS) / FP8_MAX
+    # divide by a tensor, not the Python scalar: CUDA torch turns `t / scalar` into `t * (1 / scalar)`, which rounds
+    # differently from the correctly rounded division the Triton kernels (and CPU torch) do
+    s = amax.clamp_min(AMAX_EPS) / torch.full_like(amax, FP8_MAX)
     q = (xt / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, s.squeeze(-1)
 

@@ -21,6 +21,7 @@ Runs on CUDA tensors, or on CPU under `TRITON_INTERPRET=1` (set before this modu
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -148,7 +149,30 @@ def _build_kernel():
         o_ptrs = OUT + n * stride_on + offs_h[:, None] * stride_oh + offs_r[None, :]
         tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
 
-    return _mla_decode_kernel
+    @triton.jit
+    def _combine_splits_kernel(
+        ACC, M_IN, L_IN, OUT, H, R, NUM_SPLITS,
+        stride_on, stride_oh,
+        BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (row n = (b, s), head): merge the NUM_SPLITS partial results, see `combine_splits`."""
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_s = offs_s < NUM_SPLITS
+        mask_r = offs_r < R
+        rows = n * NUM_SPLITS + offs_s  # [BLOCK_S] rows of the [B * S * splits, H, ...] partial outputs
+        m = tl.load(M_IN + rows * H + h, mask=mask_s, other=float("-inf"))
+        l = tl.load(L_IN + rows * H + h, mask=mask_s, other=0.0)
+        m_all = tl.max(m, 0)
+        weight = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for splits that saw no key
+        total = tl.sum(weight * l, 0)
+        acc = tl.load(ACC + (rows[:, None] * H + h) * R + offs_r[None, :], mask=mask_s[:, None] & mask_r[None, :], other=0.0)
+        out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(OUT + n * stride_on + h * stride_oh + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
+
+    return _mla_decode_kernel, _combine_splits_kernel
 
 
 def _kernel():
@@ -163,7 +187,7 @@ def _next_pow2(n: int) -> int:
 
 
 def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Merge per-split online-softmax results. acc [N, splits, H, r] (unnormalized, fp32), m / l [N, splits, H]
+    """Merge per-split online-softmax results (torch reference of the combine kernel). acc [N, splits, H, r] (unnormalized, fp32), m / l [N, splits, H]
     (running max / sum of each split; m = -inf for a split with no visible key) -> [N, H, r] fp32."""
     m_all = m.amax(1, keepdim=True)  # [N, 1, H]
     weight = torch.exp(m - torch.where(torch.isinf(m_all), 0.0, m_all))  # 0 for empty splits
@@ -172,11 +196,16 @@ def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch
     return out / torch.where(total == 0.0, 1.0, total).unsqueeze(-1)
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_num_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
     """Cache splits so that about two programs run per SM, each split keeping at least 4 tiles of keys."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     wanted = -(-2 * sms // max(programs, 1))
     return max(1, min(wanted, length // (4 * block_t)))
 
@@ -234,7 +263,8 @@ def mla_decode_attention(
         l_out = torch.empty_like(m_out)
     precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"
     grid = (batch * seq, head_blocks, num_splits)
-    _kernel()[grid](
+    attend_kernel, combine_kernel = _kernel()
+    attend_kernel[grid](
         q_lat, q_pe, c, kp, bias_arg, out, m_out, l_out,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
         q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
@@ -247,8 +277,12 @@ def mla_decode_attention(
         PRECISION=precision, UPCAST=_interpret() and q_lat.dtype == torch.bfloat16, NORMALIZE=num_splits == 1,
         num_warps=4 if block_h * block_r <= 16 * 512 else 8, num_stages=2,
     )  # fmt: skip
-    if num_splits > 1:
-        shape = (batch * seq, num_splits, heads)
-        out = combine_splits(out.view(*shape, rank), m_out.view(shape), l_out.view(shape)).to(q_lat.dtype)
+    if num_splits > 1:  # merge the splits in one more launch (the torch `combine_splits` would take ~8)
+        partial = out
+        out = torch.empty(batch * seq, heads, rank, device=q_lat.device, dtype=q_lat.dtype)
+        combine_kernel[(batch * seq, heads)](
+            partial, m_out, l_out, out, heads, rank, num_splits, out.stride(0), out.stride(1),
+            BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_R=block_r,
+        )  # fmt: skip
     # [B * S, H, r] -> [B, H, S, r]
     return out.view(batch, seq, heads, rank).transpose(1, 2)

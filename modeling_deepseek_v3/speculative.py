@@ -189,6 +189,7 @@ class MTPSpeculativeDecoder:
         decode_start = time.perf_counter()
         self.stats.prefill_seconds = decode_start - start
 
+        drafted = accepted = torch.zeros((), dtype=torch.long, device=device)
         while not bool(done.all()):
             active = ~done
             draft_probs = self.probs(draft_logits) if self.do_sample else None
@@ -215,12 +216,10 @@ class MTPSpeculativeDecoder:
             first_new = torch.where(accept, draft, corrected)  # [B]
             accept = accept & active & ~torch.isin(first_new, eos)  # no bonus token after an end-of-sequence
 
-            # stats over running rows
-            n_active = int(active.sum())
+            # stats over running rows (device counters: no host sync here)
             self.stats.target_forwards += 1
-            self.stats.drafted += n_active
-            self.stats.accepted += int(accept.sum())
-            self.stats.emitted += n_active + int(accept.sum())
+            drafted = drafted + active.sum()
+            accepted = accepted + accept.sum()
 
             # emit (finished rows write into their padding tail, which is reset below)
             write = torch.where(active, n_out, out.shape[1] - 2)
@@ -243,6 +242,8 @@ class MTPSpeculativeDecoder:
             position = position + 1 + accept.long()
 
         self.stats.decode_seconds = time.perf_counter() - decode_start
+        self.stats.drafted, self.stats.accepted = int(drafted), int(accepted)
+        self.stats.emitted = self.stats.drafted + self.stats.accepted
         self.cache, self.attention_mask = cache, mask2d  # kept for inspection (tests check the rollback)
         return self.finish(input_ids, out, n_out, max_new)
 

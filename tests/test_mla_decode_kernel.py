@@ -112,3 +112,12 @@ def test_combine_splits_equals_one_softmax():
     l = torch.stack([x.sum(-1) for x in p], 1)
     acc = torch.stack([torch.einsum("nht,ntr->nhr", x, v) for x, (_, v) in zip(p, parts)], 1)
     torch.testing.assert_close(combine_splits(acc, m, l), ref)
+
+    # the Triton combine kernel (what mla_decode_attention launches) on the same partial results
+    from deepseek_v3.kernels.mla_decode import _kernel
+
+    N, splits, H, r = acc.shape
+    out = torch.full((N, H, r), float("nan"), device=DEVICE)
+    _kernel()[1][(N, H)](acc.to(DEVICE).contiguous(), m.to(DEVICE).contiguous(), l.to(DEVICE).contiguous(), out,
+                         H, r, splits, out.stride(0), out.stride(1), BLOCK_S=4, BLOCK_R=8)  # fmt: skip
+    torch.testing.assert_close(out.cpu(), ref)

@@ -175,7 +175,8 @@ if HAS_TRITON:
 
 
 def _tile_sizes(M: int, N: int) -> tuple[int, int]:
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    # 128x128 tiles (8 warps) once there are enough rows: twice the FP8 MMA work per loaded tile of 64x128
+    block_m = 16 if M <= 16 else (32 if M <= 32 else (64 if M <= 64 else 128))
     block_n = 64 if N <= 64 else 128
     return block_m, block_n
 

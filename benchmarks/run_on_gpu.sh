@@ -34,9 +34,9 @@ for stage in $STAGES; do
              tests/test_mla_absorb.py tests/test_mtp_speculative.py ;;
     mla) step mla_decode 150 python3 benchmarks/mla_decode.py ;;
     decode) step decode_bf16 330 python3 benchmarks/decode.py --device cuda --dtype bfloat16 --phases $PHASES \
-              --contexts 256 1024 4096 16384 --new-tokens 64 --repeats 3 ;;
+              --contexts 256 1024 4096 16384 --new-tokens 64 --repeats ${DECODE_REPEATS:-3} ;;
     decode_fp32) step decode_fp32 240 python3 benchmarks/decode.py --device cuda --phases $PHASES \
-              --contexts 256 1024 4096 16384 --new-tokens 64 --repeats 3 ;;
+              --contexts 256 1024 4096 16384 --new-tokens 64 --repeats ${DECODE_REPEATS:-3} ;;
     decode_b8) step decode_bf16_b8 150 python3 benchmarks/decode.py --device cuda --dtype bfloat16 --batch 8 \
               --phases $PHASES --contexts 256 4096 --new-tokens 64 --repeats 3 ;;
     fp8) step fp8_gemm 240 python3 benchmarks/fp8_gemm.py ;;

@@ -175,8 +175,11 @@ if HAS_TRITON:
 
 
 def _tile_sizes(M: int, N: int) -> tuple[int, int]:
-    # 128x128 tiles (8 warps) once there are enough rows: twice the FP8 MMA work per loaded tile of 64x128
-    block_m = 16 if M <= 16 else (32 if M <= 32 else (64 if M <= 64 else 128))
+    # 128-row tiles (8 warps: twice the FP8 MMA work per loaded 64x128 tile) once they still give >= 128 programs
+    # (H100: 132 SMs); fewer, larger tiles left SMs idle at M = 128..512 (measured, docs/fp8.md)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if M > 64 and _cdiv(M, 128) * _cdiv(N, 128) >= 128:
+        block_m = 128
     block_n = 64 if N <= 64 else 128
     return block_m, block_n
 

@@ -118,9 +118,9 @@ def time_plain_decode(model, prompt: torch.Tensor, new_tokens: int, **forward_kw
 
 
 @torch.no_grad()
-def time_speculative_decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+def time_speculative_decode(model, prompt: torch.Tensor, new_tokens: int, draft_tokens: int = 1) -> dict:
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens + 1, eos_token_id=None, pad_token_id=2)
-    sequences = model.generate(prompt, generation_config=config, use_mtp=True)
+    sequences = model.generate(prompt, generation_config=config, use_mtp=True, mtp_draft_tokens=draft_tokens)
     stats = model.speculative_stats
     decoder = model.speculative_decoder
     return {
@@ -130,6 +130,7 @@ def time_speculative_decode(model, prompt: torch.Tensor, new_tokens: int) -> dic
         "tokens": sequences[:, prompt.shape[1] :],
         "acceptance": stats.acceptance_rate,
         "tokens_per_forward": stats.mean_accepted_tokens,
+        "by_position": stats.acceptance_by_position,
     }
 
 
@@ -141,6 +142,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (different progressions)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant and context; the best is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared host)")
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2],
+                        help="MTP speculation variants (d): tokens drafted per verification (2+: chained drafts)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the four models at decode time (training is always fp32)")  # fmt: skip
@@ -177,8 +180,9 @@ def main():
         "(a) transformers built-in": lambda p: time_plain_decode(builtin, p, args.new_tokens),
         "(b) ours, expanded": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="off"),
         "(c) ours, absorbed": lambda p: time_plain_decode(ours, p, args.new_tokens),  # "auto": absorbed decode
-        "(d) ours, absorbed + MTP": lambda p: time_speculative_decode(ours, p, args.new_tokens),
     }
+    for k in args.draft_tokens:
+        variants[f"(d) ours, absorbed + MTP, k={k}"] = lambda p, k=k: time_speculative_decode(ours, p, args.new_tokens, k)
     warm = progressions(1, 32, span, torch.Generator().manual_seed(7)).to(device)
     for run in variants.values():
         run(warm)
@@ -197,7 +201,8 @@ def main():
         for name, r in results.items():
             same = torch.equal(r["tokens"][:, : args.new_tokens + 1], reference_tokens)
             rows.append((context, name, r, r["decode_tok_s"] / base["decode_tok_s"], same))
-            extra = (f"  acceptance {r['acceptance']:.3f}, {r['tokens_per_forward']:.2f} tok/forward"
+            extra = (f"  acceptance {r['acceptance']:.3f} (by draft position "
+                     f"{', '.join(f'{a:.2f}' for a in r['by_position'])}), {r['tokens_per_forward']:.2f} tok/forward"
                      if "acceptance" in r else "")  # fmt: skip
             print(f"ctx {context:5d} {name:28s} prefill {r['prefill_s']:7.2f}s  decode {r['decode_tok_s']:8.2f} tok/s"
                   f"  x{rows[-1][3]:5.2f}  cache {r['bytes']} B/tok/layer  same tokens as (a): {same}{extra}",
@@ -209,13 +214,16 @@ def main():
           f"decode tokens per row (tok/s counts all rows),"
           f" best of {args.repeats} runs")  # fmt: skip
     print()
-    print("| context | variant | prefill (s) | decode tok/s | vs (a) | cache B/token/layer | acceptance | tok/forward |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| context | variant | prefill (s) | decode tok/s | vs (a) | vs (c) | cache B/token/layer | acceptance "
+          "| tok/forward |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    absorbed = {context: r["decode_tok_s"] for context, name, r, _, _ in rows if name.startswith("(c)")}
     for context, name, r, ratio, same in rows:
         acc = f"{r['acceptance']:.3f}" if "acceptance" in r else ""
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
-        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio:.2f}x | {r['bytes']} "
-              f"| {acc} | {tpf} |")  # fmt: skip
+        vs_c = r["decode_tok_s"] / absorbed[context]
+        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio:.2f}x | {vs_c:.2f}x "
+              f"| {r['bytes']} | {acc} | {tpf} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,26 +1,29 @@
 """MTP self-speculative decoding: the model's own Multi-Token Prediction module drafts, the main model verifies.
 
 DeepSeek-V3 serves with its MTP module as a draft model (paper: 85-90% acceptance of the second token). One
-iteration, for every row of the batch at once (depth 1, the first MTP module):
+iteration, for every row of the batch at once, with k draft tokens (`mtp_draft_tokens`, default 1):
 
-    verify:  main model on [x_n, d_{n+1}] at positions (n, n+1) -> logits for x_{n+1} and x_{n+2}, hidden h_n, h_{n+1}
-    accept:  greedy: d_{n+1} == argmax; sampling: the rejection rule u < p(d) / q(d), else resample from
-             norm(max(p - q, 0)) -- the emitted tokens are distributed exactly as the main model's (Leviathan et al.).
-             Accepted rows emit d_{n+1} and a bonus token x_{n+2}; rejected rows emit the corrected x_{n+1}.
-    draft:   MTP module at positions (n, n+1) on (h_n, Emb(x_{n+1})) and (h_{n+1}, Emb(x_{n+2})); the draft for the
-             next iteration is read at the last accepted position of each row.
+    verify:  main model on [x_n, d_1 .. d_k] at positions n .. n+k -> logits for x_{n+1} .. x_{n+k+1}, hidden h_n ..
+    accept:  the longest prefix of drafts the main model agrees with -- greedy: d_j == argmax; sampling: the rejection
+             rule u < p(d_j) / q(d_j), the first rejected position resampled from norm(max(p - q, 0)) -- so the
+             emitted tokens are distributed exactly as the main model's (Leviathan et al.). A row that accepts a
+             drafts emits a + 1 tokens: d_1 .. d_a and the main model's token at slot a (correction or bonus).
+    draft:   MTP module at positions n .. n+k on (h_i, x_{i+1}) (the emitted tokens); the first draft of the next
+             iteration is read at each row's last accepted slot. Drafts 2..k reuse the same module autoregressively
+             one position further on its own output hidden state (as vLLM and SGLang chain DeepSeek's single MTP
+             module); those steps only touch the MTP block's cache and are dropped before the next verification.
 
 Cache: one `DynamicCache` holds the main layers and the MTP block (layer index num_hidden_layers), slot-aligned:
-slot i of every layer belongs to the same position. A rejected draft leaves a dead slot (main KV of d_{n+1}, MTP KV
-of position n+1); rows accept different numbers of tokens, so dead slots are masked per row in the 2D attention mask
-and positions are tracked per row. When every running row rejected (always the case for batch size 1), the slot is
-rolled back with `cache.crop(-1)` on all layers, MTP layer included.
+slot i of every layer belongs to the same position. Rejected drafts leave dead slots (main KV of d_j, MTP KV of its
+position); rows accept different numbers of tokens, so dead slots are masked per row in the 2D attention mask and
+positions are tracked per row. Trailing slots that no running row accepted (always all of them for batch size 1)
+are rolled back with `cache.crop`, on every layer, the MTP block included.
 """
 
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -54,12 +57,16 @@ class SpeculativeStats:
     """Counts over all rows and verification steps (a row counts while it is still generating).
 
     acceptance_rate: accepted drafts / drafts verified. mean_accepted_tokens: tokens emitted per row per target
-    (main-model) forward, 1 + acceptance for one draft token -- the upper bound of the decode speed-up."""
+    (main-model) forward, 1 + k * acceptance for k draft tokens -- the upper bound of the decode speed-up.
+    acceptance_by_position[j]: fraction of verifications in which drafts 1 .. j+1 were all accepted."""
 
+    draft_tokens: int = 1
     target_forwards: int = 0
+    row_forwards: int = 0
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    accepted_prefixes: list[int] = field(default_factory=list)  # [k]: verifications that accepted >= j+1 drafts
     prefill_seconds: float = 0.0  # wall time of the prompt forward (main + MTP) and the first token
     decode_seconds: float = 0.0  # wall time of the draft/verify loop
 
@@ -69,7 +76,11 @@ class SpeculativeStats:
 
     @property
     def mean_accepted_tokens(self) -> float:
-        return self.emitted / self.drafted if self.drafted else 0.0
+        return self.emitted / self.row_forwards if self.row_forwards else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [n / self.row_forwards if self.row_forwards else 0.0 for n in self.accepted_prefixes]
 
 
 @dataclass
@@ -79,14 +90,20 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     acceptance_rate: float | None = None
     mean_accepted_tokens: float | None = None
     target_forwards: int | None = None
+    acceptance_by_position: list[float] | None = None
 
 
 class MTPSpeculativeDecoder:
     """Runs `generate` for a `DeepseekV3ForCausalLM` with its first MTP module as the draft model."""
 
-    def __init__(self, model, generation_config: GenerationConfig):
+    def __init__(self, model, generation_config: GenerationConfig, draft_tokens: int | None = None):
         if not model.config.num_nextn_predict_layers:
             raise ValueError("use_mtp=True needs a model with MTP modules (config.num_nextn_predict_layers >= 1)")
+        if draft_tokens is None:
+            draft_tokens = getattr(generation_config, "mtp_draft_tokens", None) or 1
+        if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 1:
+            raise ValueError(f"mtp_draft_tokens={draft_tokens!r}: use a positive int (tokens drafted per verification)")
+        self.draft_tokens = draft_tokens
         if (generation_config.num_beams or 1) > 1:
             raise ValueError("use_mtp=True supports greedy decoding and sampling, not beam search")
         unsupported = {  # logits processors this loop does not apply (it applies temperature, top-k and top-p)
@@ -115,7 +132,7 @@ class MTPSpeculativeDecoder:
         self.eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
         pad = generation_config.pad_token_id
         self.pad = pad if pad is not None else (int(self.eos[0]) if self.eos.numel() else 0)
-        self.stats = SpeculativeStats()
+        self.stats = SpeculativeStats(draft_tokens=draft_tokens)
 
     # ---- token choice -------------------------------------------------------------------------------------------
 
@@ -132,13 +149,14 @@ class MTPSpeculativeDecoder:
 
     # ---- model pieces -------------------------------------------------------------------------------------------
 
-    def draft(self, hidden, next_ids, positions, mask4d, cache):
-        """MTP block on h^0 [B, S, D] and the tokens that follow [B, S] -> draft logits [B, S, V]."""
+    def mtp_forward(self, hidden, next_ids, positions, mask4d, cache):
+        """MTP block on h [B, S, D] and the tokens that follow [B, S] -> its normed output [B, S, D] (logits via
+        lm_head; also the hidden state a chained draft step starts from)."""
         embeds = self.model.model.embed_tokens(next_ids)
         position_embeddings = self.model.model.rotary_emb(embeds, positions)
         out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d,
                           past_key_values=cache)  # fmt: skip
-        return self.model.lm_head(out)
+        return out
 
     def target(self, ids, mask2d, positions, cache):
         """Main model -> (normed hidden [B, S, D], logits [B, S, V], the 4D mask of this step for the MTP block)."""
@@ -152,16 +170,66 @@ class MTPSpeculativeDecoder:
         hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden), mask4d
 
+    def draft_chain(self, hidden, logits, position, mask2d, cache):
+        """k drafts from the MTP output at each row's last accepted slot: hidden [B, 1, D], its logits [B, V] (the
+        first draft, for the token after `position`, the position of the token the next verification starts with).
+        Draft j + 1 runs the MTP block one position further on (its own output, draft j); those steps go into the
+        MTP block's cache after the slots shared with the main layers and are cropped again here.
+        Returns drafts [B, k] and, when sampling, their distributions q [B, k, V]."""
+        drafts, probs = [], []
+        for j in range(self.draft_tokens):
+            if j > 0:
+                # MTP at position P + j - 1 on (previous MTP output, previous draft); it attends to the valid slots
+                # (mask2d) and to the chained steps before it
+                visible = torch.cat((mask2d, mask2d.new_ones(mask2d.shape[0], j)), dim=1).bool()
+                bias = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+                bias = bias.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None, None, :]  # [B, 1, 1, T]
+                hidden = self.mtp_forward(hidden, drafts[-1][:, None], (position + j - 1)[:, None], bias, cache)
+                logits = self.model.lm_head(hidden[:, -1])
+            if self.do_sample:
+                q = self.probs(logits)
+                drafts.append(torch.multinomial(q, 1).squeeze(-1))
+                probs.append(q)
+            else:
+                drafts.append(logits.argmax(-1))
+        if self.draft_tokens > 1:
+            cache.layers[self.mtp.layer_idx].crop(-(self.draft_tokens - 1))
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if self.do_sample else None)
+
+    def accept(self, drafts, draft_probs, logits):
+        """drafts [B, k], their distributions q [B, k, V] (sampling), verification logits [B, k + 1, V]
+        -> (accepted drafts per row a [B], the main model's token at slot a [B]: correction or bonus)."""
+        batch, k = drafts.shape
+        rows = torch.arange(batch, device=drafts.device)
+        if not self.do_sample:
+            target_ids = logits.argmax(-1)  # [B, k + 1]
+            agree = drafts == target_ids[:, :k]
+            accepted = agree.long().cumprod(-1).sum(-1)  # leading drafts that agree
+            return accepted, target_ids[rows, accepted]
+        p = self.probs(logits.flatten(0, 1)).view(batch, k + 1, -1)  # [B, k + 1, V]
+        p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]
+        q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+        agree = torch.rand(batch, k, device=drafts.device) * q_draft < p_draft  # u < p(d) / q(d)
+        accepted = agree.long().cumprod(-1).sum(-1)
+        p_at = p[rows, accepted]  # [B, V]: the target law at the first rejected slot, or the bonus slot
+        residual = (p_at - draft_probs[rows, accepted.clamp(max=k - 1)]).clamp(min=0)
+        residual_sum = residual.sum(-1, keepdim=True)
+        residual = torch.where(residual_sum > 0, residual / residual_sum.clamp(min=1e-30), p_at)
+        law = torch.where((accepted < k)[:, None], residual, p_at)
+        return accepted, torch.multinomial(law, 1).squeeze(-1)
+
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         gc = self.generation_config
+        k = self.draft_tokens
         batch, prompt_len = input_ids.shape
         device = input_ids.device
         max_new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - prompt_len
         eos = self.eos.to(device)
         rows = torch.arange(batch, device=device)
+        slots = torch.arange(k + 1, device=device)  # offsets of the tokens one verification feeds
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask2d = attention_mask.long()
@@ -176,74 +244,62 @@ class MTPSpeculativeDecoder:
         hidden, logits, mask4d = self.target(input_ids, mask2d, positions, cache)
         first = self.choose(logits[:, -1])  # [B]
         next_ids = torch.cat((input_ids[:, 1:], first[:, None]), dim=1)  # token t+1 for every prompt position t
-        draft_logits = self.draft(hidden, next_ids, positions, mask4d, cache)[:, -1]  # [B, V]
+        mtp_out = self.mtp_forward(hidden, next_ids, positions, mask4d, cache)[:, -1:]  # [B, 1, D]
+        current = first  # last emitted token, not yet fed to the main model
+        position = positions[:, -1] + 1  # its position
+        drafts, draft_probs = self.draft_chain(mtp_out, self.model.lm_head(mtp_out[:, -1]), position, mask2d, cache)
 
-        out = torch.full((batch, max_new + 2), self.pad, dtype=torch.long, device=device)
+        # out: emitted tokens; the last column collects writes of finished rows and is never returned
+        out = torch.full((batch, max_new + k + 2), self.pad, dtype=torch.long, device=device)
         out[:, 0] = first
         n_out = torch.ones(batch, dtype=torch.long, device=device)
         done = torch.isin(first, eos) | (n_out >= max_new)
-        current = first  # last emitted token, not yet fed to the main model
-        position = positions[:, -1] + 1  # its position
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the prefill's kernels end before the decode clock starts
         decode_start = time.perf_counter()
         self.stats.prefill_seconds = decode_start - start
 
-        drafted = accepted = torch.zeros((), dtype=torch.long, device=device)
+        counters = torch.zeros(4 + k, dtype=torch.long, device=device)  # rows, drafted, accepted, emitted, prefixes
         while not bool(done.all()):
             active = ~done
-            draft_probs = self.probs(draft_logits) if self.do_sample else None
-            draft = self.choose(draft_logits) if not self.do_sample else torch.multinomial(draft_probs, 1).squeeze(-1)
-
-            step_ids = torch.stack((current, draft), dim=1)  # [B, 2]
-            step_pos = torch.stack((position, position + 1), dim=1)  # [B, 2]
-            mask2d = torch.cat((mask2d, mask2d.new_ones(batch, 2)), dim=1)
+            step_ids = torch.cat((current[:, None], drafts), dim=1)  # [B, k + 1]
+            step_pos = position[:, None] + slots  # [B, k + 1]
+            mask2d = torch.cat((mask2d, mask2d.new_ones(batch, k + 1)), dim=1)
             hidden, logits, mask4d = self.target(step_ids, mask2d, step_pos, cache)  # one verification forward
+            accepted, last = self.accept(drafts, draft_probs, logits)
 
-            if self.do_sample:
-                p = self.probs(logits.flatten(0, 1)).view(batch, 2, -1)  # [B, 2, V]
-                p_draft, q_draft = p[rows, 0, draft], draft_probs[rows, draft]
-                accept = torch.rand(batch, device=device) * q_draft < p_draft  # u < p(d) / q(d)
-                residual = (p[:, 0] - draft_probs).clamp(min=0)
-                residual_sum = residual.sum(-1, keepdim=True)
-                residual = torch.where(residual_sum > 0, residual / residual_sum.clamp(min=1e-30), p[:, 0])
-                corrected = torch.multinomial(residual, 1).squeeze(-1)
-                bonus = torch.multinomial(p[:, 1], 1).squeeze(-1)
-            else:
-                target_ids = logits.argmax(-1)  # [B, 2]
-                accept = draft == target_ids[:, 0]
-                corrected, bonus = target_ids[:, 0], target_ids[:, 1]
-            first_new = torch.where(accept, draft, corrected)  # [B]
-            accept = accept & active & ~torch.isin(first_new, eos)  # no bonus token after an end-of-sequence
+            # emitted tokens d_1 .. d_a, last; cut after an end-of-sequence token
+            emitted = torch.where(slots < accepted[:, None], torch.cat((drafts, last[:, None]), dim=1), last[:, None])
+            is_eos = torch.isin(emitted, eos) & (slots <= accepted[:, None])
+            n_emit = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, accepted + 1)  # [B]
+            write = active[:, None] & (slots < n_emit[:, None])
+            out.scatter_(1, torch.where(write, n_out[:, None] + slots, out.shape[1] - 1), emitted)
+            n_out = n_out + torch.where(active, n_emit, 0)
+            done = done | (active & is_eos.any(-1)) | (n_out >= max_new)
 
             # stats over running rows (device counters: no host sync here)
             self.stats.target_forwards += 1
-            drafted = drafted + active.sum()
-            accepted = accepted + accept.sum()
+            counters += torch.cat((
+                torch.stack((active.sum(), k * active.sum(), (accepted * active).sum(), (n_emit * active).sum())),
+                ((accepted[:, None] > slots[:k]) & active[:, None]).sum(0),
+            ))  # fmt: skip
 
-            # emit (finished rows write into their padding tail, which is reset below)
-            write = torch.where(active, n_out, out.shape[1] - 2)
-            out[rows, write] = torch.where(active, first_new, self.pad)
-            out[rows, write + 1] = torch.where(accept, bonus, out[rows, write + 1])
-            n_out = n_out + active.long() + accept.long()
-            emitted_eos = torch.isin(first_new, eos) | (accept & torch.isin(bonus, eos))
-            done = done | (active & emitted_eos) | (n_out >= max_new)
-
-            # MTP at positions (n, n+1) on (h_n, x_{n+1}) and (h_{n+1}, x_{n+2}); each row drafts from its last
-            # accepted position (slot 1 of a rejected row is dead: computed, then masked / cropped)
-            mtp_ids = torch.stack((first_new, torch.where(accept, bonus, first_new)), dim=1)  # [B, 2]
-            draft_logits = self.draft(hidden, mtp_ids, step_pos, mask4d, cache)[rows, accept.long()]  # [B, V]
-            # the draft's slot stays valid only where it was accepted; roll it back when no row needs it
-            mask2d[:, -1] = accept.long()
-            if not bool(accept.any()):
-                cache.crop(-1)  # every layer, the MTP block's included
-                mask2d = mask2d[:, :-1]
-            current = torch.where(accept, bonus, first_new)
-            position = position + 1 + accept.long()
+            # MTP at positions n .. n+k on (h_i, x_{i+1}); each row drafts from its last accepted slot (the slots
+            # after it are dead for that row: computed, then masked / cropped)
+            mtp_out = self.mtp_forward(hidden, emitted, step_pos, mask4d, cache)[rows, accepted][:, None]  # [B, 1, D]
+            mask2d[:, -(k + 1) :] = (slots <= accepted[:, None]).long()
+            unused = k - int(torch.where(active, accepted, 0).max())  # trailing slots no running row accepted
+            if unused > 0:
+                cache.crop(-unused)  # every layer, the MTP block's included
+                mask2d = mask2d[:, :-unused]
+            current = last
+            position = position + accepted + 1
+            drafts, draft_probs = self.draft_chain(mtp_out, self.model.lm_head(mtp_out[:, -1]), position, mask2d, cache)
 
         self.stats.decode_seconds = time.perf_counter() - decode_start
-        self.stats.drafted, self.stats.accepted = int(drafted), int(accepted)
-        self.stats.emitted = self.stats.drafted + self.stats.accepted
+        values = counters.tolist()
+        self.stats.row_forwards, self.stats.drafted, self.stats.accepted, self.stats.emitted = values[:4]
+        self.stats.accepted_prefixes = values[4:]
         self.cache, self.attention_mask = cache, mask2d  # kept for inspection (tests check the rollback)
         return self.finish(input_ids, out, n_out, max_new)
 
@@ -267,17 +323,18 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
     if input_ids is None:
         raise ValueError("use_mtp=True needs `input_ids`")
     attention_mask = model_kwargs.pop("attention_mask", None)
+    draft_tokens = model_kwargs.pop("mtp_draft_tokens", None)
     unsupported = {k: v for k, v in model_kwargs.items() if v is not None and k != "use_cache"}
     if unsupported:
         raise ValueError(f"use_mtp=True does not support the generate arguments {sorted(unsupported)}")
-    decoder = MTPSpeculativeDecoder(model, generation_config)
+    decoder = MTPSpeculativeDecoder(model, generation_config, draft_tokens)
     sequences = decoder.generate(input_ids, attention_mask)
     stats = decoder.stats
     model.speculative_stats = stats
     model.speculative_decoder = decoder
     logger.info(
-        "MTP speculative decoding: acceptance rate %.3f, %.3f tokens per target forward (%d forwards)",
-        stats.acceptance_rate, stats.mean_accepted_tokens, stats.target_forwards,
+        "MTP speculative decoding (%d draft tokens): acceptance rate %.3f, %.3f tokens per target forward (%d forwards)",
+        stats.draft_tokens, stats.acceptance_rate, stats.mean_accepted_tokens, stats.target_forwards,
     )  # fmt: skip
     if generation_config.return_dict_in_generate:
         return SpeculativeGenerateOutput(
@@ -285,5 +342,6 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
             acceptance_rate=stats.acceptance_rate,
             mean_accepted_tokens=stats.mean_accepted_tokens,
             target_forwards=stats.target_forwards,
+            acceptance_by_position=stats.acceptance_by_position,
         )
     return sequences

@@ -51,33 +51,43 @@ def random_tiny():
     return deepseek_v3.DeepseekV3ForCausalLM(deepseek_v3.load_config("tiny")).eval()
 
 
-def test_greedy_identical_random_weights(random_tiny):
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
+def test_greedy_identical_random_weights(random_tiny, draft_tokens):
     g = torch.Generator().manual_seed(2)
     ids, mask = left_pad([torch.randint(3, 320, (n,), generator=g) for n in (9, 4, 6)])
     plain = random_tiny.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     spec = random_tiny.generate(
-        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_mtp=True, return_dict_in_generate=True
-    )
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_mtp=True, return_dict_in_generate=True,
+        mtp_draft_tokens=draft_tokens,
+    )  # fmt: skip
     assert isinstance(spec, SpeculativeGenerateOutput)
     assert torch.equal(spec.sequences, plain)
     # random drafts are (almost) always rejected: the rejection / rollback path did the work
     assert spec.acceptance_rate < 0.3
-    assert spec.mean_accepted_tokens == pytest.approx(1 + spec.acceptance_rate, abs=0.05)
+    assert spec.mean_accepted_tokens == pytest.approx(1 + draft_tokens * spec.acceptance_rate, abs=0.05)
+    assert len(spec.acceptance_by_position) == draft_tokens
 
 
-def test_greedy_identical_trained_model(trained_tiny):
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
+def test_greedy_identical_trained_model(trained_tiny, draft_tokens):
     g = torch.Generator().manual_seed(3)
     prompts = [progressions(1, n, g)[0] for n in (10, 6, 8)] + [torch.randint(3, 67, (5,), generator=g)]
     ids, mask = left_pad(prompts)
     plain = trained_tiny.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
     spec = trained_tiny.generate(
-        ids, attention_mask=mask, max_new_tokens=40, do_sample=False, use_mtp=True, return_dict_in_generate=True
-    )
+        ids, attention_mask=mask, max_new_tokens=40, do_sample=False, use_mtp=True, return_dict_in_generate=True,
+        mtp_draft_tokens=draft_tokens,
+    )  # fmt: skip
     assert torch.equal(spec.sequences, plain)
-    assert spec.acceptance_rate > 0.7  # the trained MTP head drafts well ...
     stats = trained_tiny.speculative_stats
-    assert stats.target_forwards < 40  # ... so fewer main-model forwards than tokens
+    assert stats.draft_tokens == draft_tokens
+    assert spec.acceptance_by_position[0] > 0.7  # the trained MTP head drafts the next token well ...
+    assert stats.target_forwards < 40 and stats.mean_accepted_tokens > 1.5  # ... so fewer forwards than tokens
     assert stats.mean_accepted_tokens == pytest.approx(spec.mean_accepted_tokens)
+    # acceptance_by_position[j]: drafts 1..j+1 all accepted, so it cannot grow with j; it sums to the accepted drafts
+    by_position = spec.acceptance_by_position
+    assert all(a >= b for a, b in zip(by_position, by_position[1:]))
+    assert sum(by_position) == pytest.approx(stats.accepted / stats.row_forwards)
     # rows disagreed at some step (one accepted, another rejected): a dead slot stayed masked for one row only
     generated_slots = trained_tiny.speculative_decoder.attention_mask[:, ids.shape[1] :]
     mixed_columns = (generated_slots == 0).any(dim=0) & (generated_slots == 1).any(dim=0)
@@ -94,13 +104,14 @@ def test_use_mtp_from_generation_config(trained_tiny):
     assert torch.equal(spec, plain)
 
 
-def test_cache_rolled_back_exactly(random_tiny):
-    """Batch of one, mostly rejected drafts: every layer (MTP block included) holds exactly the accepted tokens,
-    and the main layers' latents equal those of a fresh forward over the final sequence."""
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_cache_rolled_back_exactly(random_tiny, draft_tokens):
+    """Batch of one, mostly rejected drafts: every layer (MTP block included: the chained draft steps are dropped
+    too) holds exactly the accepted tokens, and the main layers' latents equal those of a fresh forward."""
     model = random_tiny
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 320, (1, 7), generator=g)
-    seq = model.generate(ids, max_new_tokens=20, do_sample=False, use_mtp=True)
+    seq = model.generate(ids, max_new_tokens=20, do_sample=False, use_mtp=True, mtp_draft_tokens=draft_tokens)
     decoder = model.speculative_decoder
     assert decoder.stats.accepted < decoder.stats.drafted  # there were rejections to roll back
     cache = decoder.cache
@@ -131,9 +142,11 @@ def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor, min_expect
     return float(torch.special.gammaincc(df / 2, stat / 2))
 
 
-def test_sampling_preserves_target_distribution():
+@pytest.mark.parametrize("draft_tokens", [1, 2])
+def test_sampling_preserves_target_distribution(draft_tokens):
     """Tiny vocabulary: the empirical law of (x1, x2) and of x3 under speculative sampling matches the main model's
-    exact law, and differs from what always accepting the draft would give (the test has power)."""
+    exact law, and differs from what always accepting the draft would give (the test has power). With 2 draft
+    tokens, x2 and x3 are verified in the same forward (the chained draft of x3 included)."""
     torch.manual_seed(6)
     vocab = 16
     config = deepseek_v3.load_config("tiny", vocab_size=vocab, pad_token_id=2, eos_token_id=1, bos_token_id=0)
@@ -158,10 +171,12 @@ def test_sampling_preserves_target_distribution():
     config = GenerationConfig(do_sample=True, max_new_tokens=3, eos_token_id=None, pad_token_id=2, top_k=None)
     torch.manual_seed(7)
     out = model.generate(prompt.expand(n_rows, -1), generation_config=config, use_mtp=True,
-                         return_dict_in_generate=True)  # fmt: skip
+                         return_dict_in_generate=True, mtp_draft_tokens=draft_tokens)  # fmt: skip
     x = out.sequences[:, prompt.shape[1] :]
     assert x.shape == (n_rows, 3)
     assert 0.05 < out.acceptance_rate < 0.95  # both branches of the rejection rule ran
+    if draft_tokens == 2:
+        assert out.acceptance_by_position[1] > 0.05  # some rows accepted both drafts
 
     counts12 = torch.bincount(x[:, 0] * vocab + x[:, 1], minlength=vocab * vocab)
     counts3 = torch.bincount(x[:, 2], minlength=vocab)

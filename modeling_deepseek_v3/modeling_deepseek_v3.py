@@ -313,8 +313,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`use_mtp=True` (kwarg or generation config) runs MTP self-speculative decoding with this model's own MTP
-        module as the draft (see `speculative.py`; greedy output is identical to plain greedy decoding). Everything
-        else goes to `GenerationMixin.generate` (transformers' own `use_mtp` path would load a second copy)."""
+        module as the draft (see `speculative.py`; greedy output is identical to plain greedy decoding);
+        `mtp_draft_tokens=k` (kwarg or generation config, default 1) drafts k tokens per verification by chaining the
+        module. Everything else goes to `GenerationMixin.generate` (transformers' own `use_mtp` path would load a
+        second copy)."""
         use_mtp = kwargs.pop("use_mtp", None)
         if use_mtp is None:
             use_mtp = getattr(generation_config if generation_config is not None else self.generation_config, "use_mtp", None)

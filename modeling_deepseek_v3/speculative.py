@@ -284,14 +284,19 @@ class MTPSpeculativeDecoder:
                 ((accepted[:, None] > slots[:k]) & active[:, None]).sum(0),
             ))  # fmt: skip
 
-            # MTP at positions n .. n+k on (h_i, x_{i+1}); each row drafts from its last accepted slot (the slots
-            # after it are dead for that row: computed, then masked / cropped)
-            mtp_out = self.mtp_forward(hidden, emitted, step_pos, mask4d, cache)[rows, accepted][:, None]  # [B, 1, D]
+            # the draft slots after each row's last accepted one are dead for that row: masked; the trailing ones
+            # that no running row accepted are rolled back from the main layers before the MTP block runs
             mask2d[:, -(k + 1) :] = (slots <= accepted[:, None]).long()
-            unused = k - int(torch.where(active, accepted, 0).max())  # trailing slots no running row accepted
-            if unused > 0:
-                cache.crop(-unused)  # every layer, the MTP block's included
-                mask2d = mask2d[:, :-unused]
+            kept = int(torch.where(active, accepted, 0).max()) + 1  # slots still needed: 0 .. max accepted
+            if kept < k + 1:
+                for layer in cache.layers[: self.mtp.layer_idx]:
+                    layer.crop(kept - (k + 1))
+                mask2d = mask2d[:, : mask2d.shape[1] - (k + 1 - kept)]
+                if mask4d is not None:  # [B, 1, k + 1, T] -> the kept queries and keys
+                    mask4d = mask4d[:, :, :kept, : mask4d.shape[-1] - (k + 1 - kept)]
+            # MTP at the kept positions n .. n+kept-1 on (h_i, x_{i+1}); each row drafts from its last accepted slot
+            mtp_out = self.mtp_forward(hidden[:, :kept], emitted[:, :kept], step_pos[:, :kept], mask4d, cache)
+            mtp_out = mtp_out[rows, accepted.clamp(max=kept - 1)][:, None]  # [B, 1, D]
             current = last
             position = position + accepted + 1
             drafts, draft_probs = self.draft_chain(mtp_out, self.model.lm_head(mtp_out[:, -1]), position, mask2d, cache)

@@ -185,3 +185,12 @@ def test_sampling_preserves_target_distribution(draft_tokens):
     # power: the draft's law is far from the target's, and the same statistic rejects it
     assert 0.5 * (always_accept12 - joint12).abs().sum() > 0.15
     assert chi2_pvalue(counts12, always_accept12.flatten()) < 1e-6
+
+
+def test_bad_draft_tokens_is_a_clear_error(random_tiny):
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="mtp_draft_tokens=0"):
+        random_tiny.generate(ids, max_new_tokens=3, use_mtp=True, mtp_draft_tokens=0)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, use_mtp=True, mtp_draft_tokens=2, pad_token_id=PAD)
+    random_tiny.generate(ids, generation_config=config)  # also read from the generation config
+    assert random_tiny.speculative_stats.draft_tokens == 2

@@ -11,7 +11,8 @@ iteration, for every row of the batch at once, with k draft tokens (`mtp_draft_t
     draft:   MTP module at positions n .. n+k on (h_i, x_{i+1}) (the emitted tokens); the first draft of the next
              iteration is read at each row's last accepted slot. Drafts 2..k reuse the same module autoregressively
              one position further on its own output hidden state (as vLLM and SGLang chain DeepSeek's single MTP
-             module); those steps only touch the MTP block's cache and are dropped before the next verification.
+             module; a checkpoint with several MTP modules also drafts with its first one only); those steps only
+             touch the MTP block's cache and are dropped before the next verification.
 
 Cache: one `DynamicCache` holds the main layers and the MTP block (layer index num_hidden_layers), slot-aligned:
 slot i of every layer belongs to the same position. Rejected drafts leave dead slots (main KV of d_j, MTP KV of its

@@ -148,7 +148,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the four models at decode time (training is always fp32)")  # fmt: skip
     parser.add_argument("--weights-dir", default=None,
-                        help="where the trained weights are cached (default: benchmarks/.cache/<config>-progressions-<phases>)")  # fmt: skip
+                        help="trained weights cache (default: benchmarks/.cache/<config>-progressions-<recipe>)")  # fmt: skip
     parser.add_argument("--phases", nargs="+", default=["100x4x96", "60x1x512", "25x1x2048"],
                         help="training phases STEPSxBATCHxSEQLEN (main + MTP loss on progressions)")  # fmt: skip
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -157,8 +157,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.weights_dir is None:
-        tag = "_".join(args.phases) + (f"-lr{args.lr}-span{args.span}-seed{args.seed}" if (args.lr, args.span, args.seed) != (3e-3, 64, 0) else "")
-        args.weights_dir = os.path.join("benchmarks", ".cache", f"{args.config}-progressions-{tag}")
+        recipe = f"{'_'.join(args.phases)}-lr{args.lr}-span{args.span}-seed{args.seed}"  # one cache per training recipe
+        args.weights_dir = os.path.join("benchmarks", ".cache", f"{args.config}-progressions-{recipe}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     weights = load_or_train(args)

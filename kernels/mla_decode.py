@@ -22,23 +22,12 @@ Runs on CUDA tensors, or on CPU under `TRITON_INTERPRET=1` (set before this modu
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ._triton_utils import triton_interpret
+
 _KERNELS: dict[bool, object] = {}
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def mla_decode_attention_torch(
@@ -168,7 +157,8 @@ def _build_kernel():
         m_all = tl.max(m, 0)
         weight = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for splits that saw no key
         total = tl.sum(weight * l, 0)
-        acc = tl.load(ACC + (rows[:, None] * H + h) * R + offs_r[None, :], mask=mask_s[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.load(ACC + (rows[:, None] * H + h) * R + offs_r[None, :],
+                      mask=mask_s[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
         out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(OUT + n * stride_on + h * stride_oh + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
 
@@ -176,7 +166,7 @@ def _build_kernel():
 
 
 def _kernel():
-    key = _interpret()
+    key = triton_interpret()
     if key not in _KERNELS:  # built lazily so TRITON_INTERPRET is read when the kernel is first needed
         _KERNELS[key] = _build_kernel()
     return _KERNELS[key]
@@ -187,7 +177,8 @@ def _next_pow2(n: int) -> int:
 
 
 def combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Merge per-split online-softmax results (torch reference of the combine kernel). acc [N, splits, H, r] (unnormalized, fp32), m / l [N, splits, H]
+    """Merge per-split online-softmax results (torch reference of the combine kernel).
+    acc [N, splits, H, r] (unnormalized, fp32), m / l [N, splits, H]
     (running max / sum of each split; m = -inf for a split with no visible key) -> [N, H, r] fp32."""
     m_all = m.amax(1, keepdim=True)  # [N, 1, H]
     weight = torch.exp(m - torch.where(torch.isinf(m_all), 0.0, m_all))  # 0 for empty splits
@@ -226,7 +217,7 @@ def mla_decode_attention(
     num_splits: parts of the cache processed by separate programs (default: enough to fill the GPU, 1 on CPU)."""
     batch, heads, seq, rank = q_lat.shape
     length, rope_dim = c_kv.shape[2], k_pe.shape[-1]
-    if not (q_lat.is_cuda or _interpret()):
+    if not (q_lat.is_cuda or triton_interpret()):
         raise RuntimeError("mla_decode_attention needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     q_lat = q_lat.contiguous()
     q_pe = q_pe.contiguous()
@@ -274,7 +265,7 @@ def mla_decode_attention(
         out.stride(0), out.stride(1),
         heads, seq, length, rank, rope_dim, float(scaling), split_t,
         HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_DR=block_dr,
-        PRECISION=precision, UPCAST=_interpret() and q_lat.dtype == torch.bfloat16, NORMALIZE=num_splits == 1,
+        PRECISION=precision, UPCAST=triton_interpret() and q_lat.dtype == torch.bfloat16, NORMALIZE=num_splits == 1,
         num_warps=4 if block_h * block_r <= 16 * 512 else 8, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:  # merge the splits in one more launch (the torch `combine_splits` would take ~8)

@@ -166,9 +166,10 @@ class DeepseekV3Attention(nn.Module):
         if backend not in DECODE_BACKENDS:
             raise ValueError(f"decode_backend={backend!r}: use one of {DECODE_BACKENDS}")
         if backend == "triton" or (backend == "auto" and q_nope.is_cuda):
-            from .kernels.mla_decode import mla_decode_attention, triton_available
+            from .kernels._triton_utils import HAS_TRITON
+            from .kernels.mla_decode import mla_decode_attention
 
-            if backend == "triton" or triton_available():
+            if backend == "triton" or HAS_TRITON:
                 o_lat = mla_decode_attention(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)
             else:
                 o_lat = absorbed_attention_torch(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)

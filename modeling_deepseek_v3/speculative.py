@@ -38,6 +38,8 @@ from transformers.generation.logits_process import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.masking_utils import create_causal_mask
 
+from .attention import attention_bias
+
 logger = logging.getLogger(__name__)
 
 
@@ -171,9 +173,9 @@ class MTPSpeculativeDecoder:
         hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden), mask4d
 
-    def draft_chain(self, hidden, logits, position, mask2d, cache):
-        """k drafts from the MTP output at each row's last accepted slot: hidden [B, 1, D], its logits [B, V] (the
-        first draft, for the token after `position`, the position of the token the next verification starts with).
+    def draft_chain(self, hidden, position, mask2d, cache):
+        """k drafts from the MTP output at each row's last accepted slot, hidden [B, 1, D] (its logits give the first
+        draft, for the token after `position`, the position of the token the next verification starts with).
         Draft j + 1 runs the MTP block one position further on (its own output, draft j); those steps go into the
         MTP block's cache after the slots shared with the main layers and are cropped again here.
         Returns drafts [B, k] and, when sampling, their distributions q [B, k, V]."""
@@ -182,11 +184,10 @@ class MTPSpeculativeDecoder:
             if j > 0:
                 # MTP at position P + j - 1 on (previous MTP output, previous draft); it attends to the valid slots
                 # (mask2d) and to the chained steps before it
-                visible = torch.cat((mask2d, mask2d.new_ones(mask2d.shape[0], j)), dim=1).bool()
-                bias = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-                bias = bias.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None, None, :]  # [B, 1, 1, T]
+                visible = torch.cat((mask2d, mask2d.new_ones(mask2d.shape[0], j)), dim=1).bool()[:, None, None, :]
+                bias = attention_bias(visible, len(visible), 1, visible.shape[-1], hidden.device, hidden.dtype)
                 hidden = self.mtp_forward(hidden, drafts[-1][:, None], (position + j - 1)[:, None], bias, cache)
-                logits = self.model.lm_head(hidden[:, -1])
+            logits = self.model.lm_head(hidden[:, -1])
             if self.do_sample:
                 q = self.probs(logits)
                 drafts.append(torch.multinomial(q, 1).squeeze(-1))
@@ -248,7 +249,7 @@ class MTPSpeculativeDecoder:
         mtp_out = self.mtp_forward(hidden, next_ids, positions, mask4d, cache)[:, -1:]  # [B, 1, D]
         current = first  # last emitted token, not yet fed to the main model
         position = positions[:, -1] + 1  # its position
-        drafts, draft_probs = self.draft_chain(mtp_out, self.model.lm_head(mtp_out[:, -1]), position, mask2d, cache)
+        drafts, draft_probs = self.draft_chain(mtp_out, position, mask2d, cache)
 
         # out: emitted tokens; the last column collects writes of finished rows and is never returned
         out = torch.full((batch, max_new + k + 2), self.pad, dtype=torch.long, device=device)
@@ -300,7 +301,7 @@ class MTPSpeculativeDecoder:
             mtp_out = mtp_out[rows, accepted.clamp(max=kept - 1)][:, None]  # [B, 1, D]
             current = last
             position = position + accepted + 1
-            drafts, draft_probs = self.draft_chain(mtp_out, self.model.lm_head(mtp_out[:, -1]), position, mask2d, cache)
+            drafts, draft_probs = self.draft_chain(mtp_out, position, mask2d, cache)
 
         self.stats.decode_seconds = time.perf_counter() - decode_start
         values = counters.tolist()
@@ -339,7 +340,8 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
     model.speculative_stats = stats
     model.speculative_decoder = decoder
     logger.info(
-        "MTP speculative decoding (%d draft tokens): acceptance rate %.3f, %.3f tokens per target forward (%d forwards)",
+        "MTP speculative decoding (%d draft tokens): acceptance rate %.3f, %.3f tokens per target forward "
+        "(%d forwards)",
         stats.draft_tokens, stats.acceptance_rate, stats.mean_accepted_tokens, stats.target_forwards,
     )  # fmt: skip
     if generation_config.return_dict_in_generate:

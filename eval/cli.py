@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     run.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     run.add_argument("--device", default=None)
     run.add_argument("--overwrite", action="store_true", help="discard existing samples in --output-dir")
+    run.add_argument("--update-card", action="store_true",
+                     help="add the results table and model-index entries to the model directory's README.md card")
     _add_common(run)
     run.set_defaults(func=run_command)
 
@@ -86,6 +88,10 @@ def run_command(args) -> int:
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    if args.update_card:
+        from deepseek_v3.trainers.model_card import add_eval_results
+
+        print(f"model card updated: {add_eval_results(args.model, {t: results['results'][t] for t in tasks})}")
     print(json.dumps({t: m["score"] for t, m in results["results"].items() if t in tasks}))
     return 0
 

@@ -157,6 +157,8 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
                    dtype: str = "auto", device: str | None = None, overwrite: bool = False, progress: bool = True,
                    backend_obj: Any = None) -> dict:
     """Evaluate ``model`` on ``tasks``; writes ``results.json`` and per-task ``samples.jsonl`` under ``output_dir``."""
+    from deepseek_v3.hub import resolve_model_revision
+
     from .base import list_tasks
     from .sandbox import sandbox_capabilities
 
@@ -200,6 +202,7 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
                    "data_dir": str(data_dir) if data_dir else None, "ks": list(ks), "timeout": timeout,
                    "sampling": "greedy" if temperature == 0 else f"sampling(temperature={temperature}, top_p={top_p})",
                    "backend_info": backend_obj.describe() if hasattr(backend_obj, "describe") else {}},
+        "model_revision": resolve_model_revision(model),  # the hub snapshot's commit hash, or the local path
         "versions": versions(),
         "sandbox": sandbox_capabilities(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

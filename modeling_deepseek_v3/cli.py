@@ -7,7 +7,8 @@ lazily so that ``deepseek-v3 info`` does not pay for importing the eval harness 
 - ``eval``     -- benchmark harness (``deepseek_v3.eval.cli``)
 - ``convert``  -- FP8 <-> BF16 checkpoint conversion (``deepseek_v3.kernels.cli``)
 - ``train``    -- TRL SFT / GRPO / R1 distillation from YAML recipes (``deepseek_v3.trainers.cli``)
-- ``demo``     -- tiny end-to-end train / save / reload / generate run (``deepseek_v3.trainers.demo``)
+- ``demo``     -- the R1-style pipeline end to end on a small model (``deepseek_v3.trainers.demo``)
+- ``push``     -- upload a training output directory to the Hugging Face Hub (``deepseek_v3.hub``)
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ SUBCOMMAND_MODULES = {
     "deepseek_v3.info": ("info", "parameter counts, weight memory and KV-cache size of a config"),
     "deepseek_v3.eval.cli": ("eval", "run or score benchmarks (MMLU, MATH-500, GSM8K, HumanEval, ...)"),
     "deepseek_v3.kernels.cli": ("convert", "convert checkpoints between FP8 (block-wise e4m3) and BF16"),
-    "deepseek_v3.trainers.demo": ("demo", "train a tiny model a few steps, save, reload and generate"),
+    "deepseek_v3.trainers.demo": ("demo", "pretrain + MTP, SFT, GRPO, eval and MTP decoding of a small model"),
     "deepseek_v3.trainers.cli": ("train", "SFT / GRPO / distillation with TRL, from YAML recipes"),
+    "deepseek_v3.hub": ("push", "upload a training output directory to the Hugging Face Hub"),
 }
 
 

@@ -121,8 +121,24 @@ def run_training(script_arguments_class, training_config_class, build_trainer, a
 
     parser = TrlParser((script_arguments_class, training_config_class))
     script_args, training_args = parser.parse_args_and_config(args=argv)
+    # `push_to_hub: true` pushes the finished run once, card included, through `deepseek_v3.hub.push_folder` (not
+    # the Trainer's own per-checkpoint pushes with TRL's generic card).
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and (training_args.hub_model_id or "").count("/") != 1:
+        raise ValueError(f"push_to_hub: true needs hub_model_id: ORG/NAME (got {training_args.hub_model_id!r})")
     trainer = build_trainer(script_args, training_args)
+    from .model_card import card_from_trainer
+
+    pipeline = f"{training_config_class.__name__.removesuffix('Config')} training run"
+    trainer.create_model_card = lambda *args, **kwargs: card_from_trainer(trainer, script_args, argv, pipeline)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        card_from_trainer(trainer, script_args, argv, pipeline)
+        if push_to_hub:
+            from deepseek_v3.hub import push_folder
+
+            push_folder(training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo,
+                        revision=training_args.hub_revision, token=training_args.hub_token)
     return trainer
 

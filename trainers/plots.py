@@ -1,4 +1,5 @@
-"""PNG plots of the expert load: a heatmap (MoE layers x experts) and MaxVio over optimizer steps.
+"""PNG plots: the expert load (a heatmap of MoE layers x experts, MaxVio over optimizer steps) and the demo's
+training figures (main / MTP loss curves, GRPO reward curve, held-out accuracy per phase).
 
 matplotlib is imported lazily with the non-interactive Agg backend (install with `pip install deepseek-v3-hf[train]`).
 """
@@ -111,7 +112,76 @@ def save_balancing_plots(balancer, output_dir: str | os.PathLike, prefix: str = 
     return paths
 
 
+def save_figure(fig, path: str | os.PathLike) -> str:
+    """Save any figure of this module as a PNG and close it; returns the path written."""
+    return _save(fig, path)
+
+
+def loss_curves_figure(phases: dict[str, dict[str, Sequence[Sequence[float]]]]):
+    """Main (next-token) and MTP loss over the global optimizer step, one colour per phase. `phases` maps a phase
+    name to its curves {"main_loss": [[step, value], ...], "mtp_loss": [...]}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (phase, curves) in enumerate(phases.items()):
+        for key, style, label in (("main_loss", "-", "main (next token)"), ("mtp_loss", "--", "MTP (token after next)")):
+            points = curves.get(key) or []
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, linestyle=style, color=colours[i % len(colours)], label=f"{phase}: {label}")
+    ax.set_xlabel("optimizer step (all phases)")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("Training loss: main head and MTP module")
+    fig.tight_layout()
+    return fig
+
+
+def reward_curve_figure(curves: dict[str, Sequence[Sequence[float]]]):
+    """GRPO rewards per step: total, and each rule reward (`accuracy_reward`, `format_reward`) when logged."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label in (("reward", "total reward"), ("accuracy_reward", "accuracy (math-verify)"),
+                       ("format_reward", "format (<think>)")):
+        points = curves.get(key) or []
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("optimizer step (all phases)")
+    ax.set_ylabel("mean reward of the sampled completions")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("GRPO reward")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_figure(accuracy: dict[str, dict[str, float]]):
+    """Grouped bars: held-out greedy accuracy and sampled pass@1 after each phase."""
+    plt = _pyplot()
+    phases = list(accuracy)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.38
+    for j, (key, label) in enumerate((("greedy", "greedy accuracy"), ("pass@1_sampled", "pass@1 (sampled)"))):
+        values = [accuracy[p][key] for p in phases]
+        bars = ax.bar([i + (j - 0.5) * width for i in range(len(phases))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize="small")
+    ax.set_xticks(range(len(phases)), labels=["before" if p == "init" else f"after {p}" for p in phases])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.set_title("Held-out accuracy per phase")
+    fig.tight_layout()
+    return fig
+
+
 __all__ = [
+    "accuracy_figure",
+    "loss_curves_figure",
+    "reward_curve_figure",
+    "save_figure",
     "expert_load_heatmap_figure",
     "maxvio_figure",
     "plot_expert_load_heatmap",

@@ -31,7 +31,7 @@ _SNAPSHOT = re.compile(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]")
 
 def upload_listing(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """The paths (relative, POSIX) `upload_folder(folder_path=folder, ignore_patterns=...)` would upload."""
-    from huggingface_hub.constants import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
     from huggingface_hub.utils import filter_repo_objects
 
     folder = Path(folder).expanduser().resolve()

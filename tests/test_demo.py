@@ -1,49 +1,85 @@
-"""The README's smoke run: tiny model from hub_configs, a few Trainer steps, save, reload, generate."""
+"""`deepseek-v3 demo`: the synthetic task, the whole pipeline in --quick mode (summary, plots, card), and its exit
+codes (a failed phase, reloaded logits that differ)."""
 
 import json
-import math
 
 import pytest
-from safetensors import safe_open
-
-from data_files import require_file
+import torch
 
 from deepseek_v3.cli import main as cli_main
+from deepseek_v3.trainers.arithmetic_task import ArithmeticTask, make_splits
+from deepseek_v3.trainers.demo import check_reloaded_logits
+from deepseek_v3.trainers.model_card import read_front_matter
+from deepseek_v3.trainers.rewards import format_reward, math_accuracy_reward
 
 
-def test_demo_cli_end_to_end(tmp_path, data_dir, capsys):
-    require_file(data_dir / "gsm8k" / "train.jsonl")
-    code = cli_main(
-        [
-            "demo",
-            "--output-dir",
-            str(tmp_path),
-            "--max-steps",
-            "12",
-            "--seq-len",
-            "32",
-            "--per-device-train-batch-size",
-            "4",
-            "--data-dir",
-            str(data_dir),
-            "--num-texts",
-            "64",
-            "--max-new-tokens",
-            "8",
-        ]
-    )
+def test_task_split_is_disjoint_and_solutions_score_correct():
+    train, heldout = make_splits(500, 40, seed=3)
+    assert len(train) == 500 and len(heldout) == 40
+    assert not {p["program"] for p in heldout} & {p["program"] for p in train}
+    assert make_splits(500, 40, seed=3) == (train, heldout)  # seeded
+    task = ArithmeticTask(heldout)
+    solutions = [p["solution"] for p in heldout]
+    answers = [p["answer"] for p in heldout]
+    assert all(task.score_one(p, p["solution"])["correct"] for p in heldout)
+    assert math_accuracy_reward(solutions, answer=answers) == [1.0] * 40
+    assert format_reward(solutions) == [1.0] * 40
+    wrong = [s.replace(f"\\boxed{{{a}}}", f"\\boxed{{{int(a) + 1}}}") for s, a in zip(solutions, answers)]
+    assert not any(task.score_one(p, w)["correct"] for p, w in zip(heldout, wrong))
+
+
+def test_reloaded_logits_check():
+    from deepseek_v3 import DeepseekV3ForCausalLM, load_config
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(load_config("tiny")).eval()
+    batch = {"input_ids": torch.randint(5, 200, (2, 9))}
+    assert check_reloaded_logits(model, model, batch) == 0.0
+    changed = DeepseekV3ForCausalLM(load_config("tiny")).eval()
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.lm_head.weight[7] += 0.5
+    with pytest.raises(RuntimeError, match="reloaded model's logits differ"):
+        check_reloaded_logits(model, changed, batch)
+
+
+def test_failed_phase_exits_nonzero(tmp_path, capsys):
+    code = cli_main(["demo", "--output-dir", str(tmp_path), "--num-heldout", "100000"])
+    assert code == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "num_heldout=100000" in summary["error"]
+
+
+def test_demo_quick_end_to_end(tmp_path, data_dir, capsys):
+    code = cli_main(["demo", "--quick", "--output-dir", str(tmp_path), "--data-dir", str(data_dir),
+                     "--pretrain-steps", "6", "--sft-steps", "3", "--grpo-steps", "1", "--num-heldout", "4",
+                     "--eval-samples", "1", "--max-new-tokens", "12", "--decode-prompts", "2"])
+    printed = capsys.readouterr().out
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["model_class"] == "DeepseekV3ForCausalLM"
-    assert math.isfinite(summary["last_loss"]) and summary["last_loss"] < summary["first_loss"]
-    assert isinstance(summary["completion"], str)
-    with safe_open(str(tmp_path / "final" / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
-    assert "model.layers.3.eh_proj.weight" in names and "model.layers.3.shared_head.head.weight" in names
-
-
-def test_demo_rejects_missing_data(tmp_path):
-    from deepseek_v3.trainers.demo import DemoArguments, load_texts
-
-    with pytest.raises(FileNotFoundError, match="gsm8k"):
-        load_texts(DemoArguments(data_dir=str(tmp_path)))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert set(summary["accuracy"]) == {"init", "pretrain", "sft", "grpo"}
+    for phase in ("pretrain", "sft"):
+        final = summary["phases"][phase]["final"]
+        assert final["main_loss"] > 0 and final["mtp_loss"] > 0
+        assert summary["phases"][phase]["maxvio"]["last"] is not None
+    assert "reward" in summary["phases"]["grpo"]["final"]
+    decode = summary["reload"]
+    assert decode["model_class"] == "DeepseekV3ForCausalLM" and decode["reloaded_max_abs_logit_diff"] <= 1e-4
+    assert 0.0 <= decode["mtp_acceptance_rate"] <= 1.0 and decode["mtp_tokens_per_target_forward"] >= 1.0
+    assert decode["mtp_output_equals_greedy"] is True  # greedy MTP decoding is token-for-token plain greedy
+    assert set(summary["real_benchmarks"]) == {"gsm8k", "math500"}
+    for path in summary["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {p.split("/")[-1] for p in summary["plots"]} >= {"loss_curves.png", "reward_curve.png", "accuracy.png",
+                                                              "maxvio.png", "expert_load_pretrain.png"}
+    assert "held-out pass@1 before -> after SFT -> after GRPO" in printed and "MTP self-speculative" in printed
+    # the final model's card carries the run's figures
+    front, body = read_front_matter(tmp_path / "final" / "README.md")
+    assert front["library_name"] == "transformers" and "deepseek_v3" in front["tags"]
+    metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == round(summary["accuracy"]["grpo"]["greedy"], 6)
+    assert metrics["pass@1_sampled"] == round(summary["accuracy"]["grpo"]["pass@1_sampled"], 6)
+    assert f"| SFT: final main loss | {summary['phases']['sft']['final']['main_loss']:.4g} |" in body
+    assert f"{summary['model']['total_params_with_mtp']:,}" in body

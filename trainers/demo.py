@@ -70,6 +70,7 @@ class DemoArguments:
     batch_size: int = 32
     num_generations: int = 8
     balancing_gamma: float = 0.01
+    decoding: str = "mtp"  # GRPO rollouts and evaluation: "mtp" (self-speculative, exact) or "plain"
     # evaluation
     eval_samples: int = 4
     eval_temperature: float = 0.6
@@ -108,6 +109,19 @@ def kv_cache_generation_consistent(model, tokenizer) -> bool:
         cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
         plain = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
     return torch.equal(cached, plain)
+
+
+def check_reloaded_logits(trained, reloaded, batch: dict, tolerance: float = LOGITS_TOLERANCE) -> float:
+    """Max |logit difference| between the trained model and its reloaded copy on `batch`; raises RuntimeError above
+    `tolerance` (the save / reload round trip lost or changed weights)."""
+    with torch.no_grad():
+        a = trained(**batch, use_cache=False).logits
+        b = reloaded(**batch, use_cache=False).logits
+    diff = float((a - b).abs().max())
+    if not diff <= tolerance:
+        raise RuntimeError(f"the reloaded model's logits differ from the trained model's by {diff:.3g} "
+                           f"(> {tolerance}): save_pretrained / from_pretrained lost or changed weights")
+    return diff
 
 
 def log_series(log_history: list[dict], key: str, step_offset: int = 0) -> list[list[float]]:
@@ -203,7 +217,7 @@ class Demo:
         self.use_cache = kv_cache_generation_consistent(model, self.tokenizer)
         if not self.use_cache:
             print("warning: cached and uncached greedy decoding differ with this transformers version; the demo "
-                  "decodes without the KV cache (MTP speculative decoding keeps its own cache)", file=sys.stderr)
+                  "decodes plainly without the KV cache (MTP speculative decoding keeps its own, correct cache)", file=sys.stderr)
         self.summary["kv_cache_generation_consistent"] = self.use_cache
         self.init_dir = str(self.out / "init")
         model.save_pretrained(self.init_dir)
@@ -249,6 +263,7 @@ class Demo:
             warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
             use_cpu=not torch.cuda.is_available(), seed=self.args.seed, disable_tqdm=False,
             per_device_train_batch_size=self.args.batch_size,
+            bf16=False,  # fp32 end to end: CPU autocast is slower here, and the reload check compares fp32 logits
         )
 
     def phase_pretrain(self) -> None:
@@ -311,7 +326,7 @@ class Demo:
         common.update(logging_steps=1, warmup_steps=0, lr_scheduler_type="constant")
         config = GRPOConfig(
             **common, num_generations=a.num_generations, max_completion_length=a.max_new_tokens, beta=0.0,
-            temperature=1.0, generation_kwargs=None if self.use_cache else {"use_cache": False},
+            temperature=1.0, generation_kwargs=self.generation_overrides(),
         )
         self.grpo_trainer = trainer = build_grpo_trainer(script_args, config)
         t0 = time.monotonic()
@@ -323,11 +338,23 @@ class Demo:
         })
 
     # ---------------------------------------------------------------------------------------------------------
-    def _backend(self, model_dir: str):
+    def generation_overrides(self) -> dict | None:
+        """Generation settings of the GRPO rollouts and the evaluations: MTP self-speculative decoding (greedy output
+        equals plain greedy decoding, sampling keeps the model's distribution: Leviathan et al.'s rule), or plain
+        decoding -- without the KV cache when this transformers version's cache path is inconsistent."""
+        if self.args.decoding == "mtp":
+            return {"use_mtp": True}
+        if self.args.decoding != "plain":
+            raise ValueError(f"decoding={self.args.decoding!r} must be 'mtp' or 'plain'")
+        return None if self.use_cache else {"use_cache": False}
+
+    def _backend(self, model_dir: str, mtp: bool = True):
         from deepseek_v3.eval.backends import HFBackend
 
         backend = HFBackend(model_dir, dtype="float32", batch_size=32, seed=self.args.seed)
-        backend.model.generation_config.use_cache = self.use_cache
+        overrides = self.generation_overrides() if mtp else (None if self.use_cache else {"use_cache": False})
+        for key, value in (overrides or {}).items():
+            setattr(backend.model.generation_config, key, value)
         return backend
 
     def evaluate(self, phase: str) -> None:
@@ -370,7 +397,7 @@ class Demo:
         from deepseek_v3.eval.base import get_task
         from deepseek_v3.eval.runner import evaluate_task
 
-        backend = self._backend(self.final_dir)
+        backend = self._backend(self.final_dir, mtp=False)  # the benchmarks' stop strings need plain generate
         results = {}
         for name in ("gsm8k", "math500"):
             task = get_task(name, chat=True, data_dir=self.args.data_dir)
@@ -384,23 +411,20 @@ class Demo:
     def phase_reload_and_decode(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        trained = self.grpo_trainer.model.eval()
+        # the trained model without accelerate's mixed-precision forward wrapper, if any
+        trained = self.grpo_trainer.accelerator.unwrap_model(self.grpo_trainer.model, keep_fp32_wrapper=False).eval()
         reloaded = AutoModelForCausalLM.from_pretrained(self.final_dir, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(self.final_dir)
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
                                                  add_generation_prompt=True)
                    for p in self.heldout[: self.args.decode_prompts]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            a = trained(**batch, use_cache=False).logits
-            b = reloaded(**batch, use_cache=False).logits
-        diff = float((a - b).abs().max())
-        decode = {"model_class": type(reloaded).__name__, "reloaded_max_abs_logit_diff": diff}
+        decode = {"model_class": type(reloaded).__name__}
         self.summary["reload"] = decode
-        if not diff <= LOGITS_TOLERANCE:
+        try:
+            decode["reloaded_max_abs_logit_diff"] = check_reloaded_logits(trained, reloaded, batch)
+        finally:
             self.write_summary()
-            raise RuntimeError(f"the reloaded model's logits differ from the trained model's by {diff:.3g} "
-                               f"(> {LOGITS_TOLERANCE}): save_pretrained / from_pretrained lost or changed weights")
 
         def timed(**kwargs):
             outputs, new_tokens, seconds = [], 0, 0.0

@@ -87,6 +87,15 @@ def test_sft_recipe_trains_tiny_model(tmp_path, gsm8k_train):
         assert "moe/maxvio_step" in log  # the balancing callback is on
     assert (out / "model.safetensors").exists()
     assert (out / "moe_expert_load.png").exists()
+    # the run's model card (ours, not TRL's generic one): front matter, the recipe, the run's final figures
+    from deepseek_v3.trainers.model_card import read_front_matter
+
+    front, body = read_front_matter(out / "README.md")
+    assert front["library_name"] == "transformers" and "deepseek_v3" in front["tags"] and "base_model" not in front
+    assert "fine-tuned version of [None]" not in body and "model_name_or_path: tiny" in body
+    final = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    last_main = [log["main_loss"] for log in final if "main_loss" in log][-1]
+    assert f"| final main_loss | {last_main:.4g} |" in body and "balancing: **on**" in body
 
 
 def test_grpo_recipe_runs(tmp_path, gsm8k_train):

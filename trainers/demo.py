@@ -48,6 +48,7 @@ class DemoArguments:
     data_dir: str | None = None
     quick: bool = False
     seed: int = 0
+    threads: int = 1  # torch intra-op threads (1: no OpenMP barrier stalls on small shared CPUs; 0: torch's default)
     # model size: the `tiny` config's architecture (MLA, DeepSeekMoE with sigmoid group-limited routing, 1 MTP
     # module), widened to fit the task and the time budget
     config: str = "tiny"
@@ -61,7 +62,7 @@ class DemoArguments:
     num_train: int = 4000
     num_heldout: int = 64
     # phases
-    pretrain_steps: int = 300
+    pretrain_steps: int = 250
     pretrain_lr: float = 3e-3
     sft_steps: int = 60
     sft_lr: float = 1e-3
@@ -161,6 +162,8 @@ class Demo:
         from transformers import set_seed
 
         set_seed(self.args.seed)
+        if self.args.threads > 0:
+            torch.set_num_threads(self.args.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         self.plots_dir.mkdir(exist_ok=True)
         start = time.monotonic()

@@ -91,7 +91,11 @@ def run_command(args) -> int:
     if args.update_card:
         from deepseek_v3.trainers.model_card import add_eval_results
 
-        print(f"model card updated: {add_eval_results(args.model, {t: results['results'][t] for t in tasks})}")
+        try:
+            print(f"model card updated: {add_eval_results(args.model, {t: results['results'][t] for t in tasks})}")
+        except FileNotFoundError as err:  # a hub id, or a directory without a card
+            print(f"error: --update-card: {err}", file=sys.stderr)
+            return 2
     print(json.dumps({t: m["score"] for t, m in results["results"].items() if t in tasks}))
     return 0
 

@@ -144,3 +144,22 @@ def test_hub_id_loads_offline_from_the_cache(tiny_checkpoint, tmp_path, data_dir
     assert results["model_revision"] == {"source": "hub", "repo_id": "org/tiny-demo", "revision": "main",
                                          "commit_hash": commit}
     assert results["results"]["gsm8k"]["num_docs"] == 1
+
+
+def test_eval_run_update_card(tiny_checkpoint, tmp_path, data_dir):
+    require_file(data_dir / "gsm8k" / "test.jsonl")
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in set(os.listdir(tiny_checkpoint)) - {"README.md"}:
+        (model / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    args = ["eval", "run", "--model", str(model), "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "2",
+            "--output-dir", str(tmp_path / "eval"), "--data-dir", str(data_dir), "--no-progress", "--update-card"]
+    assert cli_main(args) == 2  # no card to update yet: says so
+    write_model_card(model, base_model=None)
+    assert cli_main(args) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["model_revision"] == {"source": "local", "path": str(model.resolve())}
+    front, body = read_front_matter(model / "README.md")
+    [entry] = front["model-index"][0]["results"]
+    assert entry["metrics"][0]["value"] == round(results["results"]["gsm8k"]["accuracy"], 6)
+    assert "| gsm8k | accuracy |" in body

@@ -514,6 +514,7 @@ class Demo:
             self.final_dir, base_model=None, recipe={"command": "deepseek-v3 demo", **asdict(self.args)},
             training=training, balancing_gamma=self.args.balancing_gamma, eval_results=evals,
             datasets=None, pipeline="pre-training + SFT + GRPO demo", tags=["trl", "grpo", "demo"],
+            name="deepseek-v3-demo",
         )
 
 

@@ -1,6 +1,6 @@
 """The demo's synthetic verifiable task: seeded two-step arithmetic word problems with `\\boxed{}` answers.
 
-    question: "Ann has 7 apples. Ann buys 5 more. Then Ann gives away 3. How many apples does Ann have now?"
+    question: "Ann has 7 apples, buys 5 more, then gives away 3. How many apples now?"
     solution: "<think>7+5=12, 12-3=9</think> \\boxed{9}"          (R1's format: reasoning, then the answer)
     answer:   "9"
 
@@ -25,7 +25,7 @@ from deepseek_v3.eval.math_grading import grade
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hal", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned")
 OBJECTS = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles", "cups", "kites")
 ADD_VERBS = ("buys {n} more", "finds {n} more", "gets {n} more")
-SUB_VERBS = ("gives away {n}", "loses {n}", "sells {n}")
+SUB_VERBS = ("gives away {n}", "loses {n}", "sells {n}")  # short, so the numbers sit close together
 
 
 def _all_programs() -> list[tuple[int, str, int, str, int]]:
@@ -47,7 +47,7 @@ def make_problem(program: tuple[int, str, int, str, int], rng: random.Random) ->
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     verb1 = rng.choice(ADD_VERBS if op1 == "+" else SUB_VERBS).format(n=x)
     verb2 = rng.choice(ADD_VERBS if op2 == "+" else SUB_VERBS).format(n=y)
-    question = f"{name} has {start} {obj}. {name} {verb1}. Then {name} {verb2}. How many {obj} does {name} have now?"
+    question = f"{name} has {start} {obj}, {verb1}, then {verb2}. How many {obj} now?"
     solution = f"<think>{start}{op1}{x}={mid}, {mid}{op2}{y}={end}</think> \\boxed{{{end}}}"
     return {"question": question, "solution": solution, "answer": str(end),
             "program": f"{start}{op1}{x}{op2}{y}"}
@@ -87,7 +87,7 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     hub_id = "local/synthetic-arithmetic"
-    default_max_new_tokens = 40
+    default_max_new_tokens = 48
 
     def __init__(self, problems: list[dict], **kwargs):
         super().__init__(chat=True, **kwargs)

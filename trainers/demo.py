@@ -58,11 +58,16 @@ class DemoArguments:
     moe_intermediate_size: int = 96
     n_routed_experts: int = 8
     num_experts_per_tok: int = 2
+    q_lora_rank: int = 64
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
     # task
     num_train: int = 4000
     num_heldout: int = 64
     # phases
-    pretrain_steps: int = 250
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     sft_steps: int = 60
     sft_lr: float = 1e-3
@@ -77,7 +82,7 @@ class DemoArguments:
     eval_temperature: float = 0.6
     real_samples: int = 3
     decode_prompts: int = 8
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48
 
     def apply_quick(self) -> None:
         """`--quick`: every phase runs, a few steps each (under 2 minutes; for tests)."""
@@ -99,6 +104,8 @@ def model_config(args: DemoArguments):
         args.config, dtype=torch.float32, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         intermediate_size=args.intermediate_size, moe_intermediate_size=args.moe_intermediate_size,
         n_routed_experts=args.n_routed_experts, num_experts_per_tok=args.num_experts_per_tok,
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim,
     )
 
 

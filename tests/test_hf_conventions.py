@@ -22,6 +22,7 @@ from deepseek_v3 import (
     DeepseekV3ForTokenClassification,
     load_config,
 )
+from deepseek_v3._compat import cache_kwargs, output_cache
 
 ATOL = 1e-4
 
@@ -85,8 +86,9 @@ def test_output_attentions_prefill_and_absorbed_decode(pair, batch):
         # cached positions (the same as the built-in's)
         step = torch.randint(5, 300, (3, 1))
         mask = torch.cat((attention_mask, torch.ones_like(step)), dim=1)
-        theirs = builtin(step, attention_mask=mask, cache=theirs.cache, output_attentions=True)
-        mine = ours(step, attention_mask=mask, cache=deepseek_v3._compat.output_cache(mine), output_attentions=True)
+        # the built-in reads the cache only under the installed release's name
+        theirs = builtin(step, attention_mask=mask, **cache_kwargs(output_cache(theirs)), output_attentions=True)
+        mine = ours(step, attention_mask=mask, cache=output_cache(mine), output_attentions=True)
     for a, b in zip(mine.attentions, theirs.attentions):
         assert a.shape == (3, ours.config.num_attention_heads, 1, 13)
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+from deepseek_v3._compat import output_cache
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,9 @@ def test_mask_covering_the_cache_is_accepted(model):
     input_ids = torch.randint(5, 300, (2, 6))
     with torch.no_grad():
         out = model(input_ids, attention_mask=torch.ones(2, 6, dtype=torch.long), use_cache=True)
-        model(input_ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=out.cache, use_cache=True)
+        model(input_ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=output_cache(out), use_cache=True)
         with pytest.raises(ValueError, match=r"cached tokens 7 \+ new tokens 1"):
-            model(input_ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=out.cache)
+            model(input_ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=output_cache(out))
 
 
 def test_empty_input_is_a_clear_error(model):

@@ -610,5 +610,5 @@ def register(subparsers) -> None:
                                 help="every phase, a few steps each (under 2 minutes)" if f.name == "quick" else None)
             continue
         kind = {"int": int, "float": float}.get(f.type, str) if isinstance(f.type, str) else {int: int, float: float}.get(f.type, str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default}")
     parser.set_defaults(func=run)

@@ -71,11 +71,12 @@ class DemoArguments:
     pretrain_lr: float = 3e-3
     sft_steps: int = 60
     sft_lr: float = 1e-3
-    grpo_steps: int = 30
-    grpo_lr: float = 5e-4
+    grpo_steps: int = 40
+    grpo_lr: float = 5e-5
     batch_size: int = 32
     num_generations: int = 8
-    balancing_gamma: float = 0.01
+    balancing_gamma: float = 0.01  # pretrain and SFT
+    grpo_balancing_gamma: float = 0.0  # RL phase: router biases kept (bias drift moved routing under the policy)
     decoding: str = "mtp"  # GRPO rollouts and evaluation: "mtp" (self-speculative, exact) or "plain"
     # evaluation
     eval_samples: int = 4
@@ -330,7 +331,7 @@ class Demo:
         self.final_dir = str(self.out / "final")
         script_args = GRPOScriptArguments(
             model_name_or_path=self.sft_dir, dataset_name=self.train_file, prompt_column="question",
-            reward_funcs=["math_accuracy", "format"], system_prompt=None, balancing_gamma=a.balancing_gamma,
+            reward_funcs=["math_accuracy", "format"], system_prompt=None, balancing_gamma=a.grpo_balancing_gamma,
         )
         common = self._common_training_args(self.final_dir, a.grpo_steps, a.grpo_lr)
         common.update(logging_steps=1, warmup_steps=0, lr_scheduler_type="constant")

@@ -1,0 +1,36 @@
+"""Saving the final model from a sharded training run (FSDP2 / DeepSpeed ZeRO-3 / DDP) in the published layout.
+
+`Trainer.save_model` writes nothing loadable by `from_pretrained` when FSDP keeps a sharded state dict
+(`fsdp_state_dict_type: SHARDED_STATE_DICT`, what `recipes/accelerate/fsdp2.yaml` uses so that intermediate
+checkpoints are written by every rank without gathering 671B parameters on one): it only saves full weights for
+`FULL_STATE_DICT`. `save_final_model` gathers the full state dict once at the end (a collective: every rank calls
+it) and writes it with `save_pretrained` on the main process, so the output directory reloads in one process with
+the published tensor names (per-expert weights, MTP copies of the embedding and head). DeepSpeed ZeRO-3 gathers
+through `stage3_gather_16bit_weights_on_model_save` (set in `recipes/accelerate/ds_zero3.json`); DDP and single
+process go through `Trainer.save_model` unchanged.
+"""
+
+from __future__ import annotations
+
+
+def _fsdp_keeps_sharded_state_dict(trainer) -> bool:
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    return "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+
+
+def save_final_model(trainer, output_dir: str) -> None:
+    """`trainer.save_model(output_dir)`, except that a FSDP run with a sharded state dict gathers the full weights
+    and saves them in the `from_pretrained` layout. Call on every rank."""
+    if not _fsdp_keeps_sharded_state_dict(trainer):
+        trainer.save_model(output_dir)
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # full tensors on rank 0 (CPU), collective
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=trainer.args.should_save)
+    if trainer.args.should_save and trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+__all__ = ["save_final_model"]

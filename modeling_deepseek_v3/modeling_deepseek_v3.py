@@ -367,9 +367,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """Also writes the MTP layers' copies of the shared embedding and head (`model.layers.{N}.embed_tokens.weight`,
-        `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them."""
-        if self.config.num_nextn_predict_layers and state_dict is None:
+        `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them; also into a
+        `state_dict` passed in (the full weights FSDP / ZeRO-3 gather for the final save). A rank that holds no
+        tensors (the gathered dict is empty off the main process) passes its dict through unchanged."""
+        if state_dict is None and self.config.num_nextn_predict_layers:
             state_dict = self.state_dict()
+        if self.config.num_nextn_predict_layers and state_dict and "model.embed_tokens.weight" in state_dict:
+            state_dict = dict(state_dict)
             embed = state_dict["model.embed_tokens.weight"]
             head = state_dict.get("lm_head.weight", embed)
             for k in range(self.config.num_nextn_predict_layers):

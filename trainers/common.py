@@ -121,8 +121,11 @@ def run_training(script_arguments_class, training_config_class, build_trainer, a
 
     parser = TrlParser((script_arguments_class, training_config_class))
     script_args, training_args = parser.parse_args_and_config(args=argv)
+    from .distributed import check_engine, save_final_model
+
     trainer = build_trainer(script_args, training_args)
+    check_engine(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    save_final_model(trainer, training_args.output_dir)  # full weights also from FSDP's sharded state dict
     return trainer
 

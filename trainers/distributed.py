@@ -12,6 +12,28 @@ process go through `Trainer.save_model` unchanged.
 
 from __future__ import annotations
 
+import os
+
+# what `accelerate launch --config_file recipes/accelerate/<engine>.yaml` asks for, by the environment it sets
+REQUESTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_engine(trainer) -> None:
+    """Raise if `accelerate launch` asked for FSDP or DeepSpeed but the trainer runs another engine.
+
+    Accelerate turns an FSDP config into FSDP only on accelerator devices: with `use_cpu: true` (the CPU recipes)
+    or on a machine without GPU it silently trains with plain DDP (`MULTI_CPU`), which replicates the whole model on
+    every rank. The run must say so instead of pretending to shard."""
+    running = trainer.accelerator.distributed_type.value
+    for variable, engine in REQUESTED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() == "true" and running != engine:
+            raise RuntimeError(
+                f"`accelerate launch` asked for {engine} ({variable}=true) but the trainer runs {running}: Accelerate "
+                f"enables {engine} only on accelerator devices (GPU, ...), not with `use_cpu: true` or on a CPU-only "
+                "machine. Train with `recipes/accelerate/ddp.yaml` there, or shard with transformers' own FSDP2 "
+                "(`from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))`, see docs/distributed.md)."
+            )
+
 
 def _fsdp_keeps_sharded_state_dict(trainer) -> bool:
     if not getattr(trainer, "is_fsdp_enabled", False):

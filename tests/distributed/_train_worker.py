@@ -112,8 +112,8 @@ def main() -> None:
         from transformers.distributed.utils import gather_full_state_dict
 
         state_dict = gather_full_state_dict(trainer.model)
-    else:  # full weights (gathered under DeepSpeed ZeRO-3)
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    else:  # full weights (ZeRO-3 gathers them from the DeepSpeed engine)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if cli.save:
         save_final_model(trainer, os.path.join(cli.out, "final"))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)

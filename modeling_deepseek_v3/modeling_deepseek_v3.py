@@ -368,19 +368,29 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """Also writes the MTP layers' copies of the shared embedding and head (`model.layers.{N}.embed_tokens.weight`,
         `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them; also into a
-        `state_dict` passed in (the full weights FSDP / ZeRO-3 gather for the final save). A rank that holds no
-        tensors (the gathered dict is empty off the main process) passes its dict through unchanged."""
+        `state_dict` passed in (the full weights FSDP / ZeRO-3 gather for the final save) and into the one
+        transformers gathers itself for a model it sharded (`gather_sharded_state_dict_for_save`)."""
         if state_dict is None and self.config.num_nextn_predict_layers:
             state_dict = self.state_dict()
-        if self.config.num_nextn_predict_layers and state_dict and "model.embed_tokens.weight" in state_dict:
-            state_dict = dict(state_dict)
-            embed = state_dict["model.embed_tokens.weight"]
-            head = state_dict.get("lm_head.weight", embed)
-            for k in range(self.config.num_nextn_predict_layers):
-                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
-                state_dict[prefix + MTP_SHARED_COPIES[0]] = embed.detach().clone()
-                state_dict[prefix + MTP_SHARED_COPIES[1]] = head.detach().clone()
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        return super().save_pretrained(save_directory, *args, state_dict=self._with_mtp_copies(state_dict), **kwargs)
+
+    def gather_sharded_state_dict_for_save(self, *args, **kwargs):
+        # FSDP-sharded by `from_pretrained(distributed_config=...)`: transformers gathers the weights anew for saving
+        return self._with_mtp_copies(super().gather_sharded_state_dict_for_save(*args, **kwargs))
+
+    def _with_mtp_copies(self, state_dict):
+        """`state_dict` plus each MTP layer's copies of the embedding and head; a rank that holds no tensors (a
+        gathered dict is empty off the main process) gets its dict back unchanged."""
+        if not self.config.num_nextn_predict_layers or not state_dict or "model.embed_tokens.weight" not in state_dict:
+            return state_dict
+        state_dict = dict(state_dict)
+        embed = state_dict["model.embed_tokens.weight"]
+        head = state_dict.get("lm_head.weight", embed)
+        for k in range(self.config.num_nextn_predict_layers):
+            prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+            state_dict[prefix + MTP_SHARED_COPIES[0]] = embed.detach().clone()
+            state_dict[prefix + MTP_SHARED_COPIES[1]] = head.detach().clone()
+        return state_dict
 
 
 class DeepseekV3ForSequenceClassification(GenericForSequenceClassification, DeepseekV3PreTrainedModel):

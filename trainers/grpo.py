@@ -38,6 +38,9 @@ def build_grpo_trainer(script_args: GRPOScriptArguments, training_args, callback
     from trl import GRPOTrainer
 
     model, tokenizer = load_model_and_tokenizer(script_args)
+    if training_args.ddp_find_unused_parameters is None and model.config.num_nextn_predict_layers:
+        # the GRPO loss never runs the MTP module: under DDP its parameters get no gradient in any step
+        training_args.ddp_find_unused_parameters = True
     return GRPOTrainer(
         model=model,
         reward_funcs=get_reward_funcs(script_args.reward_funcs),

@@ -279,3 +279,20 @@ def test_cli_sft_recipe_under_accelerate_config(engine, data_dir, tmp_path):
         assert biases.abs().max() > 0  # balanced during training, saved with the model
         with torch.no_grad():
             assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_cli_grpo_recipe_under_ddp_config(data_dir, tmp_path):
+    """`train grpo` under ddp.yaml: the GRPO loss never runs the MTP module, so DDP must not wait for its gradients
+    (the script turns on `ddp_find_unused_parameters`); the run ends with a model that reloads."""
+    out = tmp_path / "out"
+    accelerate_launch(ACCELERATE_CONFIGS / "ddp.yaml", "-m", "deepseek_v3.cli", "train", "grpo", "--config",
+                      ROOT / "recipes" / "grpo_tiny.yaml", "--dataset_name", data_dir / "gsm8k" / "train.jsonl",
+                      "--max_samples", "16", "--max_steps", "2", "--max_completion_length", "8", "--output_dir", out)
+    from transformers import AutoModelForCausalLM
+
+    import deepseek_v3  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.isfinite().all()

@@ -1,0 +1,144 @@
+"""Per-shape choice of a kernel implementation, measured once on the device and cached as JSON.
+
+Used by the FP8 GEMM dispatch (``fp8_dispatch``) and the MLA decode variant rule (``mla_decode``). A *rule* maps a
+shape key to the name of the implementation to run:
+
+    key  = "<device name>|torch <version>|triton <version>|<op>|<shape fields>"   (e.g. M rounded up to a bucket)
+    rule = {key: {"choice": name, "ms": {name: median ms, ...}, "errors": {name: "message"}}}
+
+Where the rule has no entry for a key a *deterministic default* is used (a fixed preference order, no timing), so
+two runs on the same machine pick the same implementation unless somebody measured. Measurements come from an
+explicit tuning run (the benchmark scripts, ``tune(...)``) or, with ``$DEEPSEEK_V3_AUTOTUNE=1``, from the first
+call that meets an unseen key. The file is ``$DEEPSEEK_V3_RULE_CACHE`` (a path) if set, else
+``~/.cache/deepseek_v3/kernel_rules.json``; it is read lazily and written atomically after each new measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "DEEPSEEK_V3_RULE_CACHE"
+AUTOTUNE_ENV = "DEEPSEEK_V3_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
+def cache_path() -> Path:
+    value = os.environ.get(CACHE_ENV)
+    if value:
+        return Path(value)
+    return Path.home() / ".cache" / "deepseek_v3" / "kernel_rules.json"
+
+
+def device_tag(device: torch.device) -> str:
+    """``"<device name>|torch <v>|triton <v>"``: a rule measured under other versions or chips is not reused."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = device.type
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    return f"{name}|torch {torch.__version__}|triton {tv}"
+
+
+def m_bucket(m: int) -> int:
+    """Rows rounded up to a power of two (1, 2, 4, ..., 16384, then multiples of 16384): GEMM speed changes with the
+    number of row tiles, so shapes inside one bucket share a rule."""
+    m = max(int(m), 1)
+    if m > 16384:
+        return -(-m // 16384) * 16384
+    return 1 << (m - 1).bit_length()
+
+
+class RuleCache:
+    """A JSON-backed ``key -> entry`` map (thread-safe; one instance per file and process)."""
+
+    def __init__(self, path: Path | str | None = None):
+        self._path = Path(path) if path is not None else None
+        self._entries: dict[str, dict] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_path()
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is None:
+            try:
+                data = json.loads(self.path.read_text())
+                self._entries = data if isinstance(data, dict) else {}
+            except FileNotFoundError:
+                self._entries = {}
+            except (OSError, ValueError) as err:  # a corrupt file must not break the model: start empty
+                import warnings
+
+                warnings.warn(f"ignoring unreadable kernel rule cache {self.path}: {err!r}")
+                self._entries = {}
+        return self._entries
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._load().get(key)
+
+    def put(self, key: str, entry: dict, persist: bool = True) -> None:
+        with self._lock:
+            self._load()[key] = entry
+            if persist:
+                self._write()
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._load())
+
+    def _write(self) -> None:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as err:  # read-only home etc.: keep the rule in memory only
+            import warnings
+
+            warnings.warn(f"could not write kernel rule cache {path}: {err!r}")
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+
+
+def time_ms(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms: CUDA events on a GPU, ``perf_counter`` elsewhere."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]

@@ -11,6 +11,8 @@ two runs on the same machine pick the same implementation unless somebody measur
 explicit tuning run (the benchmark scripts, ``tune(...)``) or, with ``$DEEPSEEK_V3_AUTOTUNE=1``, from the first
 call that meets an unseen key. The file is ``$DEEPSEEK_V3_RULE_CACHE`` (a path) if set, else
 ``~/.cache/deepseek_v3/kernel_rules.json``; it is read lazily and written atomically after each new measurement.
+Below it, read-only, lies the rule shipped with the package (``kernels/measured_rules.json``, entries measured on
+the GPUs named in their keys; absent until such a measurement is committed): a local measurement wins.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "DEEPSEEK_V3_RULE_CACHE"
+SHIPPED_RULES = Path(__file__).with_name("measured_rules.json")
 AUTOTUNE_ENV = "DEEPSEEK_V3_AUTOTUNE"
 
 
@@ -65,32 +68,43 @@ def m_bucket(m: int) -> int:
 class RuleCache:
     """A JSON-backed ``key -> entry`` map (thread-safe; one instance per file and process)."""
 
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, shipped: Path | str | None = SHIPPED_RULES):
         self._path = Path(path) if path is not None else None
+        self._shipped_path = Path(shipped) if shipped is not None else None
         self._entries: dict[str, dict] | None = None
+        self._shipped: dict[str, dict] | None = None
         self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
         return self._path if self._path is not None else cache_path()
 
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:  # a corrupt file must not break the model: start empty
+            import warnings
+
+            warnings.warn(f"ignoring unreadable kernel rule cache {path}: {err!r}")
+            return {}
+
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
-            try:
-                data = json.loads(self.path.read_text())
-                self._entries = data if isinstance(data, dict) else {}
-            except FileNotFoundError:
-                self._entries = {}
-            except (OSError, ValueError) as err:  # a corrupt file must not break the model: start empty
-                import warnings
-
-                warnings.warn(f"ignoring unreadable kernel rule cache {self.path}: {err!r}")
-                self._entries = {}
+            self._entries = self._read(self.path)
         return self._entries
 
     def get(self, key: str) -> dict | None:
         with self._lock:
-            return self._load().get(key)
+            entry = self._load().get(key)
+            if entry is None and self._shipped_path is not None:
+                if self._shipped is None:
+                    self._shipped = self._read(self._shipped_path)
+                entry = self._shipped.get(key)
+            return entry
 
     def put(self, key: str, entry: dict, persist: bool = True) -> None:
         with self._lock:

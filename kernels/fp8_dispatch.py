@@ -48,7 +48,7 @@ import torch
 
 from ._triton_utils import HAS_TRITON, triton_can_run, triton_interpret
 from .fp8_quant import BLOCK_SIZE, _cdiv
-from .rule_cache import RuleCache, autotune_enabled, device_tag, m_bucket, time_ms
+from .rule_cache import RuleCache, autotune_enabled, default_cache, device_tag, m_bucket, time_ms
 
 VERIFY_RTOL = 1e-2  # bf16 output rounding is ~2e-3 norm-wise; a misread scale layout gives O(1)
 
@@ -436,7 +436,7 @@ def grouped_candidates(scaled_mm_needs_hopper: bool = True) -> list[Candidate]:
 # the process-wide dispatchers used by fp8_gemm / fp8_grouped_gemm
 # ----------------------------------------------------------------------------------------------------------------
 
-_CACHE = RuleCache()
+_CACHE = default_cache()
 GEMM = Dispatcher("fp8_gemm", dense_candidates(), gemm_shape_info, _reference_name, _CACHE)
 GROUPED_GEMM = Dispatcher("fp8_grouped_gemm", grouped_candidates(), grouped_shape_info, _reference_name, _CACHE)
 DIRECT_BACKENDS = {"scaled_mm": GEMM, "torchao": GEMM}

@@ -16,6 +16,18 @@ sum) are kept in fp32. With few (b, s, head-block) programs -- batch 1 decoding 
 Shapes: q_lat [B, H, S, r], q_pe [B, H, S, dr], c_kv [B, 1, T, r], k_pe [B, 1, T, dr], bias [B, 1, S, T] additive
 (0 / very negative) or None = causal with the S queries being the last S cache positions. Output [B, H, S, r].
 
+**FP8 latent cache.** `c_kv` may be float8_e4m3fn with one fp32 scale per token and 128 channels
+(`quantize_latent_cache`, the 1x128 tiles of `act_quant`); the kernel dequantizes each loaded tile
+(`c = q * s`) before both dots, `k_pe` stays bf16. A step then reads r + 4 r/128 + 2 dr bytes per token instead
+of 2 (r + dr): 648 instead of 1152 at r = 512, dr = 64.
+
+**Variants and the rule.** `MLAVariant` = (BLOCK_H heads per program, BLOCK_T tokens per tile, split factor =
+target programs per SM when splitting along T (0: never), num_warps, num_stages); `VARIANTS` is the set that
+`benchmarks/mla_decode.py --sweep` times on a GPU. Each call without an explicit `variant` asks `choose_variant`:
+the measured entry of the kernel rule cache (`rule_cache`, keyed by chip, versions, cache dtype, batch x queries
+and context rounded up to powers of two, H, r, dr), else `default_variant` (the first measured kernel's
+configurations). The sweep stores its best per shape with `record_variant_choice`.
+
 Runs on CUDA tensors, or on CPU under `TRITON_INTERPRET=1` (set before this module's first kernel call is built).
 """
 
@@ -302,12 +314,11 @@ _RULE_CACHE = None
 
 
 def _rule_cache():
-    global _RULE_CACHE
-    if _RULE_CACHE is None:
-        from .rule_cache import RuleCache
+    if _RULE_CACHE is not None:  # tests substitute their own
+        return _RULE_CACHE
+    from .rule_cache import default_cache
 
-        _RULE_CACHE = RuleCache()
-    return _RULE_CACHE
+    return default_cache()
 
 
 def _pow2_bucket(n: int) -> int:

@@ -120,9 +120,10 @@ class RuleCache:
         path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read(path), **self._entries}  # keep what other processes measured meanwhile
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
-                json.dump(self._entries, f, indent=1, sort_keys=True)
+                json.dump(merged, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
         except OSError as err:  # read-only home etc.: keep the rule in memory only
             import warnings
@@ -132,6 +133,17 @@ class RuleCache:
     def clear(self) -> None:
         with self._lock:
             self._entries = {}
+
+
+_DEFAULT: RuleCache | None = None
+
+
+def default_cache() -> RuleCache:
+    """The process-wide cache (``$DEEPSEEK_V3_RULE_CACHE`` or the default path) shared by all ops."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = RuleCache()
+    return _DEFAULT
 
 
 def time_ms(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> float:

@@ -247,3 +247,19 @@ def test_cpu_auto_backend_stays_on_reference():
     assert torch.equal(fp8_gemm(*args, torch.float32), fp8_gemm_torch(*args, torch.float32))
     with pytest.raises(RuntimeError, match="cannot run here"):
         fp8_gemm(*args, torch.float32, backend="scaled_mm")
+
+
+def test_cache_writers_in_two_processes_keep_each_others_entries(tmp_path):
+    """Two caches on one file (e.g. the GEMM benchmark and the MLA sweep, run one after the other): each write merges
+    with what is on disk, so neither loses the other's measurements."""
+    path = tmp_path / "rules.json"
+    first, second = RuleCache(path, shipped=None), RuleCache(path, shipped=None)
+    first.get("warm")  # both have read the (empty) file before either writes
+    second.get("warm")
+    first.put("gemm", {"choice": "scaled_mm"})
+    second.put("mla", {"choice": "h64_t32_x2_w8_s2"})
+    assert set(json.loads(path.read_text())) == {"gemm", "mla"}
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"gemm": {"choice": "triton"}, "old": {"choice": "torch"}}))
+    layered = RuleCache(path, shipped=shipped)
+    assert layered.get("gemm")["choice"] == "scaled_mm" and layered.get("old")["choice"] == "torch"

@@ -114,8 +114,11 @@ def bench_gemm(args) -> int:
             t_bf16 = tf(timer(lambda: x @ w.t()))
             if args.tune:
                 fd.GEMM.tune(*args_, persist=not args.smoke)
-            choice = fd.GEMM.choose(*args_) if device.type == "cuda" else "torch (CPU: no dispatch)"
-            t_disp = tf(timer(lambda: fp8_gemm(*args_)))
+            # on CUDA the public op (what FP8Linear calls); on CPU (smoke) the dispatcher itself, which the public
+            # op only uses for CUDA tensors
+            dispatched = (lambda: fp8_gemm(*args_)) if device.type == "cuda" else (lambda: fd.GEMM(*args_))
+            choice = fd.GEMM.choose(*args_)
+            t_disp = tf(timer(dispatched))
             direct = {}
             for name in ("scaled_mm", "triton", "torchao"):
                 cand = fd.GEMM.by_name(name)

@@ -80,7 +80,7 @@ step() {  # step NAME CAP_S CMD...: run with timeout min(CAP_S, budget left), ap
   local rc=$?
   echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
   grep -v "Failed to load\|register_constant\|FutureWarning\|causal_mask = \|are deprecated" "$OUT/$name.log" \
-    | grep "^|\|^device\|^step-time\|B parameters\|^- \|rejected\|failed\|Error\|passed\|^H\|^NVIDIA\|^cpu\|[0-9]B param" \
+    | grep -v "UNEXPECTED" | grep "^|\|^device\|^step-time\|B parameters\|^- \|rejected\|failed\|Error\|passed\|^H\|^NVIDIA\|^cpu\|[0-9]B param" \
     | tail -n "${TAIL:-60}"
 }
 

@@ -24,8 +24,10 @@ Grouped (MoE experts, ``a`` rows sorted by expert, ``offs [E]`` cumulative ends)
 ``torch``.
 
 **Rule.** A call on CUDA tensors with ``backend=None/"auto"`` looks up the shape key
-``(chip, torch, triton, op, layout, out dtype, bucket(M), N, K)`` (``bucket``: M rounded up to a power of two;
-for grouped GEMMs the rows per expert, plus E) in the rule cache (``rule_cache``):
+``(chip, torch, triton, op, layout, out dtype, bucket(M), N, bucket(K))`` (``bucket``: rounded up to a power of
+two -- K too, since Wgrad's K is the token count; for grouped GEMMs the rows per expert, plus E) in the rule cache
+(``rule_cache``); a choice holds for the shapes of its bucket that it supports exactly, others take the default
+order:
 
 1. a measured entry: run its choice;
 2. else, with ``$DEEPSEEK_V3_AUTOTUNE=1``: time every candidate that is available, supports the shape and agrees
@@ -164,12 +166,16 @@ class Dispatcher:
         device = args[0].device
         info = self.shape_info(*args)
         key = self.key(device, info)
-        if key in self._chosen and (key, self._chosen[key]) not in self.failures:
-            return self._chosen[key]
+        # a choice made for this key (in this process, or measured) holds for every shape of the bucket that the
+        # candidate supports exactly; a shape it does not support goes down the default order below
+        chosen = self._chosen.get(key)
+        if chosen is not None and self.usable(chosen, device, info, key) is None:
+            return chosen
         entry = self.cache.get(key)
-        if entry is not None and self.usable(entry.get("choice", ""), device, info, key) is None:
-            self._chosen[key] = entry["choice"]
-            return entry["choice"]
+        if entry is not None and entry.get("choice") in {c.name for c in self.candidates}:
+            if self.usable(entry["choice"], device, info, key) is None:
+                self._chosen[key] = entry["choice"]
+                return entry["choice"]
         if autotune_enabled() and device.type == "cuda":
             return self.tune(*args)["choice"]
         ref_out = None
@@ -178,7 +184,8 @@ class Dispatcher:
                 continue
             out, ref_out = self._try(name, args, key, device, ref_out)
             if out is not None:
-                self._chosen[key] = name
+                if chosen is None:  # keep the bucket's choice for the shapes that it supports
+                    self._chosen[key] = name
                 return name
         raise RuntimeError(f"{self.op}: no usable candidate for {key}: {self._reasons(key)}")
 
@@ -342,7 +349,8 @@ def gemm_shape_info(a, a_s, b, b_s, out_dtype) -> dict:
     block = _block_layout(b_s, N)
     layout = "block" if block else "rows"
     dt = str(out_dtype).replace("torch.", "")
-    return {"key": (layout, dt, f"M{m_bucket(M)}", f"N{N}", f"K{K}"), "M": M, "N": N, "K": K, "block": block}
+    # K is bucketed too: Wgrad's K is the token count, which changes with every batch of a MoE expert
+    return {"key": (layout, dt, f"M{m_bucket(M)}", f"N{N}", f"K{m_bucket(K)}"), "M": M, "N": N, "K": K, "block": block}
 
 
 def dense_candidates(scaled_mm_needs_hopper: bool = True) -> list[Candidate]:
@@ -418,7 +426,7 @@ def grouped_shape_info(a, a_s, b, b_s, offs, out_dtype) -> dict:
     block = b_s.shape[-2] != N or N == 1
     dt = str(out_dtype).replace("torch.", "")
     rows = m_bucket(max(1, M // max(E, 1)))
-    return {"key": ("block" if block else "rows", dt, f"E{E}", f"Mper{rows}", f"N{N}", f"K{K}"),
+    return {"key": ("block" if block else "rows", dt, f"E{E}", f"Mper{rows}", f"N{N}", f"K{m_bucket(K)}"),
             "M": M, "N": N, "K": K, "E": E, "block": block}  # fmt: skip
 
 

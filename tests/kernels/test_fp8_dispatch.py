@@ -263,3 +263,20 @@ def test_cache_writers_in_two_processes_keep_each_others_entries(tmp_path):
     shipped.write_text(json.dumps({"gemm": {"choice": "triton"}, "old": {"choice": "torch"}}))
     layered = RuleCache(path, shipped=shipped)
     assert layered.get("gemm")["choice"] == "scaled_mm" and layered.get("old")["choice"] == "torch"
+
+
+def test_bucket_choice_only_for_shapes_the_candidate_supports(tmp_path):
+    """K is bucketed (Wgrad's K = tokens varies per batch): a choice made at K = 256 is reused at K = 200 (same
+    bucket) only if the candidate supports K = 200 exactly; otherwise the default order runs for that call, and
+    the bucket keeps its choice."""
+    calls = []
+    picky = _fake("picky", calls=calls)
+    picky.supports = lambda info: None if info["K"] % 128 == 0 else "needs K % 128 == 0"
+    d = _dispatcher([picky, _fake("torch", trusted=True)], tmp_path)
+    a256 = (*_operands(64, 128, 256), torch.float32)
+    a200 = (*_operands(64, 128, 200), torch.float32)
+    key = lambda a: d.key(torch.device("cpu"), fd.gemm_shape_info(*a))  # noqa: E731
+    assert key(a256) == key(a200)
+    assert d.choose(*a256) == "picky"
+    assert d.choose(*a200) == "torch"
+    assert d.choose(*a256) == "picky" and not d.failures

@@ -105,7 +105,7 @@ for stage in $STAGES; do
       if [[ $SMOKE == 1 ]]; then  # the CPU suite covers the rest; here only that the step itself works
         step tests 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_dispatch.py -k "rule or layouts"
       else
-        step tests 60 $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_fp8_dispatch.py \
+        step tests 60 $PY -m pytest -q -rs -p no:cacheprovider tests/kernels/test_fp8_dispatch.py \
           tests/test_mla_decode_kernel.py tests/kernels/test_fp8_gemm.py
       fi ;;
     *) echo "unknown stage $stage" ;;

@@ -91,6 +91,7 @@ class Dispatcher:
     default_order: Callable[[torch.device], list[str]] | None = None
     failures: dict = field(default_factory=dict)  # (key, name) -> reason
     _chosen: dict = field(default_factory=dict)  # key -> name verified in this process
+    _available: dict = field(default_factory=dict)  # (name, device) -> reason or None, asked once per device
 
     def by_name(self, name: str) -> Candidate:
         for c in self.candidates:
@@ -111,7 +112,10 @@ class Dispatcher:
         if (key, name) in self.failures:
             return self.failures[(key, name)]
         cand = self.by_name(name)
-        return cand.available(device) or cand.supports(info)
+        where = (name, str(device))
+        if where not in self._available:
+            self._available[where] = cand.available(device)
+        return self._available[where] or cand.supports(info)
 
     def _fail(self, key: str, name: str, reason: str) -> None:
         if (key, name) not in self.failures:
@@ -205,6 +209,7 @@ class Dispatcher:
     def reset(self) -> None:
         self.failures.clear()
         self._chosen.clear()
+        self._available.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ the GPUs named in their keys; absent until such a measurement is committed): a l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -43,10 +44,16 @@ def cache_path() -> Path:
 
 def device_tag(device: torch.device) -> str:
     """``"<device name>|torch <v>|triton <v>"``: a rule measured under other versions or chips is not reused."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    return _device_tag(device.type, index)
+
+
+@functools.cache
+def _device_tag(kind: str, index: int | None) -> str:  # queried once per device: it is on every GEMM's path
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(index)
     else:
-        name = device.type
+        name = kind
     try:
         import triton
 

@@ -54,8 +54,9 @@ def progressions(n: int, length: int, vocab: int, generator: torch.Generator) ->
 
 
 def run(config, fp8: bool, args, device: torch.device) -> dict:
-    torch.manual_seed(args.seed)
-    model = deepseek_v3.DeepseekV3ForCausalLM(config).to(device=device, dtype=torch.float32)
+    torch.manual_seed(args.seed)  # same initial weights in both runs (built directly on the device)
+    with torch.device(device):
+        model = deepseek_v3.DeepseekV3ForCausalLM(config).to(dtype=torch.float32)
     model.config.mtp_loss_weight = args.mtp_loss_weight
     model.train()
     if fp8:

@@ -94,13 +94,13 @@ def sweep(args) -> int:
                 make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)  # noqa: E731
                 q_lat, q_pe, c_kv, k_pe = make(B, H, S, r) * 0.05, make(B, H, S, dr), make(B, 1, T, r), make(B, 1, T, dr)
                 extra = {}
+                # fp32 reference (materialized scores), on the same bf16 / e4m3 inputs
                 if fp8:
                     c_kv, extra["c_kv_scale"] = md.quantize_latent_cache(c_kv)
-                    ref = md.mla_decode_attention_fp8_torch(q_lat.double(), q_pe.double(), c_kv, extra["c_kv_scale"],
-                                                            k_pe.double(), scaling).double()  # fmt: skip
+                    ref = md.mla_decode_attention_fp8_torch(q_lat.float(), q_pe.float(), c_kv, extra["c_kv_scale"],
+                                                            k_pe.float(), scaling).double()  # fmt: skip
                 else:
-                    ref = md.mla_decode_attention_torch(q_lat.double(), q_pe.double(), c_kv.double(), k_pe.double(),
-                                                        scaling)  # fmt: skip
+                    ref = md.mla_decode_attention_torch(q_lat.float(), q_pe, c_kv, k_pe, scaling).double()
                 default = md.default_variant(B, S, T, r).name
                 timings, worst = {}, 0.0
                 for name in dict.fromkeys([default, *names]):

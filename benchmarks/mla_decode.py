@@ -86,10 +86,10 @@ def sweep(args) -> int:
     print("| cache | batch | context | best variant | us | GB/s | % of HBM | default variant | default us "
           "| best / default | rel. err |")  # fmt: skip
     print("|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|")
-    for cache in args.caches:
-        fp8 = cache == "fp8"
-        for B in batches:
-            for T in contexts:
+    for B in batches:  # shapes in the order given (run_on_gpu.sh puts the target shape first), both caches each
+        for T in contexts:
+            for cache in args.caches:
+                fp8 = cache == "fp8"
                 g = torch.Generator(device=device).manual_seed(B * 100003 + T)
                 make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)  # noqa: E731
                 q_lat, q_pe, c_kv, k_pe = make(B, H, S, r) * 0.05, make(B, H, S, dr), make(B, 1, T, r), make(B, 1, T, dr)

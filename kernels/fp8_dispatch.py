@@ -148,6 +148,8 @@ class Dispatcher:
         key = self.key(device, info)
         ms, errors, ref_out = {}, {}, None
         for name in self.order(device):
+            if device.type == "cuda" and name == "torch":
+                continue  # the plain-torch reference: never the fastest on a GPU, and slow to time at large M
             reason = self.usable(name, device, info, key)
             if reason is not None:
                 errors[name] = reason

@@ -224,15 +224,17 @@ def main():
           f"decode tokens per row (tok/s counts all rows),"
           f" best of {args.repeats} runs")  # fmt: skip
     print()
-    print(f"| context | variant | prefill (s) | decode tok/s | vs {base_name[:3]} | vs (c) | cache B/token/layer | acceptance "
+    vs_base = f" vs {base_name[:3]} |" if base_name[:3] != "(c)" else ""  # no duplicate column with --no-baselines
+    print(f"| context | variant | prefill (s) | decode tok/s |{vs_base} vs (c) | cache B/token/layer | acceptance "
           "| tok/forward |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|" + ("---:|" if vs_base else "") + "---:|---:|---:|---:|")
     absorbed = {context: r["decode_tok_s"] for context, name, r, _, _ in rows if name.startswith("(c)")}
     for context, name, r, ratio, same in rows:
         acc = f"{r['acceptance']:.3f}" if "acceptance" in r else ""
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
         vs_c = r["decode_tok_s"] / absorbed[context]
-        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio:.2f}x | {vs_c:.2f}x "
+        ratio_col = f" {ratio:.2f}x |" if vs_base else ""
+        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} |{ratio_col} {vs_c:.2f}x "
               f"| {r['bytes']} | {acc} | {tpf} |")  # fmt: skip
 
 

@@ -39,7 +39,7 @@ SHAPES = {
 DEFAULT_SHAPES = ["7168x18432", "18432x7168", "7168x2048", "2048x7168", "1536x24576", "16384x7168"]
 M_VALUES = [4096, 8192, 16384]
 # dense (no sparsity) FP8 / BF16 tensor-core peaks in TFLOP/s by chip name, most specific first (datasheets)
-PEAKS = (("H200", 1979, 989), ("H100 PCIe", 1513, 756), ("H100", 1979, 989), ("H800", 1979, 989),
+PEAKS = (("GH200", 1979, 989), ("H200", 1979, 989), ("H100 PCIe", 1513, 756), ("H100", 1979, 989), ("H800", 1979, 989),
          ("L40S", 733, 362), ("B200", 4500, 2250))  # fmt: skip
 
 

@@ -33,7 +33,7 @@ import sys
 import torch
 
 # HBM bandwidth by chip name (vendor datasheets), most specific names first
-HBM_TBPS = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35), ("H800", 3.35), ("GH200", 4.0),
+HBM_TBPS = (("GH200", 4.0), ("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35), ("H800", 3.35),
             ("A100-SXM4-80GB", 2.039), ("A100", 1.555), ("B200", 8.0))  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 Shapes are DeepSeek-V3's linear layers (``K x N``: in_features x out_features)::
 
     python benchmarks/fp8_gemm.py                       # CUDA: TFLOP/s table at M = 4096 .. 16384 (+ --csv out.csv)
-    python benchmarks/fp8_gemm.py --tune                # also measure the dispatch rule first (stored in the rule cache)
+    python benchmarks/fp8_gemm.py --tune                # measure the dispatch rule first (kept in the rule cache)
     python benchmarks/fp8_gemm.py --linear              # FP8Linear forward + backward vs BF16 nn.Linear
     python benchmarks/fp8_gemm.py --m 1 128 4096 --shapes 7168x2048 2048x7168
     TRITON_INTERPRET=1 python benchmarks/fp8_gemm.py --smoke [--linear]   # no GPU: tiny shapes, same code path
@@ -39,8 +39,8 @@ SHAPES = {
 DEFAULT_SHAPES = ["7168x18432", "18432x7168", "7168x2048", "2048x7168", "1536x24576", "16384x7168"]
 M_VALUES = [4096, 8192, 16384]
 # dense (no sparsity) FP8 / BF16 tensor-core peaks in TFLOP/s by chip name, most specific first (datasheets)
-PEAKS = (("GH200", 1979, 989), ("H200", 1979, 989), ("H100 PCIe", 1513, 756), ("H100", 1979, 989), ("H800", 1979, 989),
-         ("L40S", 733, 362), ("B200", 4500, 2250))  # fmt: skip
+PEAKS = (("GH200", 1979, 989), ("H200", 1979, 989), ("H100 PCIe", 1513, 756), ("H100 NVL", 1671, 835),
+         ("H100", 1979, 989), ("H800", 1979, 989), ("L40S", 733, 362), ("B200", 4500, 2250))  # fmt: skip
 
 
 def peak_tflops(name: str) -> tuple[float | None, float | None]:
@@ -69,7 +69,8 @@ def _env(args):
         from deepseek_v3.kernels.rule_cache import time_ms
 
         device = torch.device("cpu")
-        return device, (lambda fn: time_ms(fn, device, reps=1, warmup=0)), "cpu (Triton interpreter; timings meaningless)"
+        timer = lambda fn: time_ms(fn, device, reps=1, warmup=0)  # noqa: E731
+        return device, timer, "cpu (Triton interpreter; timings meaningless)"
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke or --check (with TRITON_INTERPRET=1)")
     from triton.testing import do_bench
@@ -150,7 +151,8 @@ def bench_gemm(args) -> int:
         print(f"- {name}: not timed ({why})")
     if args.csv:
         with open(args.csv, "w") as f:
-            f.write("shape,M,bf16_tflops,dispatched_tflops,choice,scaled_mm_tflops,triton_tflops,torchao_tflops,rel_err\n")
+            f.write("shape,M,bf16_tflops,dispatched_tflops,choice,scaled_mm_tflops,triton_tflops,torchao_tflops,"
+                    "rel_err\n")
             for r in rows:
                 f.write(",".join(str(v) for v in r) + "\n")
     return 0
@@ -168,7 +170,8 @@ def bench_linear(args) -> int:
         shapes, m = [(256, 256)], 256
     print(f"device: {chip}  torch {torch.__version__}: FP8Linear vs BF16 nn.Linear, forward + backward, M = {m}")
     print()
-    print("| K x N (layer) | M | bf16 fwd+bwd (ms) | FP8Linear fwd+bwd (ms) | speed-up | bf16 fwd (ms) | FP8 fwd (ms) |")
+    print("| K x N (layer) | M | bf16 fwd+bwd (ms) | FP8Linear fwd+bwd (ms) | speed-up | bf16 fwd (ms) "
+          "| FP8 fwd (ms) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k, n in shapes:
         lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.float32)
@@ -190,7 +193,8 @@ def bench_linear(args) -> int:
             res[fp8] = (timer(lambda: step(fp8)), timer(lambda: step(fp8, backward=False)))
         lin.__class__ = torch.nn.Linear
         print(f"| {k}x{n} ({SHAPES.get(f'{k}x{n}', '')}) | {m} | {res[False][0]:.3f} | {res[True][0]:.3f} "
-              f"| {res[False][0] / res[True][0]:.2f}x | {res[False][1]:.3f} | {res[True][1]:.3f} |", flush=True)  # fmt: skip
+              f"| {res[False][0] / res[True][0]:.2f}x | {res[False][1]:.3f} | {res[True][1]:.3f} |",
+              flush=True)  # fmt: skip
     return 0
 
 

@@ -1,8 +1,8 @@
 """Training-step time and loss: block-wise FP8 (``enable_fp8``) vs BF16, same model, same data, same seed.
 
-A DeepSeek-V3-shaped model of 1.14B parameters, MTP layer included (``--preset 1b``: hidden 2048, 8 layers of which the first is
-dense, MLA with q_lora 768 / kv_lora 512 / 16 heads of 128 + 64 rope, 16 routed experts of width 1024 top-4 plus one
-shared expert, vocab 32768; every GEMM dimension a multiple of 128) trains ``--steps`` AdamW steps on synthetic
+A DeepSeek-V3-shaped model of 1.14B parameters, MTP layer included (``--preset 1b``: hidden 2048, 8 layers of
+which the first is dense, MLA with q_lora 768 / kv_lora 512 / 16 heads of 128 + 64 rope, 16 routed experts of
+width 1024 top-4 plus one shared expert, vocab 32768; every GEMM dimension a multiple of 128) trains ``--steps`` AdamW steps on synthetic
 arithmetic progressions (learnable, so the loss moves) twice from the same initial weights:
 
 - BF16: ``torch.autocast(bfloat16)`` with FP32 master weights;
@@ -81,7 +81,8 @@ def run(config, fp8: bool, args, device: torch.device) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss)
         if step % args.log_every == 0 or step == args.steps - 1:
-            print(f"  {'fp8 ' if fp8 else 'bf16'} step {step:3d}  loss {loss:.4f}  {times[-1] * 1e3:.0f} ms", flush=True)
+            name = "fp8 " if fp8 else "bf16"
+            print(f"  {name} step {step:3d}  loss {loss:.4f}  {times[-1] * 1e3:.0f} ms", flush=True)
     params = sum(p.numel() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del model, optimizer
@@ -125,14 +126,15 @@ def main(argv=None) -> int:
     print()
     print(f"{bf['params'] / 1e9:.3f}B parameters ({preset}), {where}")
     print()
-    print("| run | step (ms, median after warm-up) | tokens/s | peak memory (GiB) | loss at last step | mean loss, last 5 |")
+    print("| run | step (ms, median after warm-up) | tokens/s | peak memory (GiB) | loss at last step "
+          "| mean loss, last 5 |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in (("bf16", bf), ("fp8", f8)):
         print(f"| {name} | {r['step_s'] * 1e3:.1f} | {tokens / r['step_s']:.0f} | {r['peak_gib']:.1f} "
               f"| {r['losses'][-1]:.4f} | {last5(r):.4f} |")  # fmt: skip
     print()
     print(f"step-time ratio bf16 / fp8: {bf['step_s'] / f8['step_s']:.3f}x (> 1: FP8 faster); loss difference "
-          f"fp8 vs bf16: {100 * rel_last:+.3f}% at the last step, {100 * rel_mean:+.3f}% over the last 5 steps")  # fmt: skip
+          f"fp8 vs bf16: {100 * rel_last:+.3f}% at the last step, {100 * rel_mean:+.3f}% over the last 5 steps")
     ok = all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (bf, f8))
     return 0 if ok else 1
 

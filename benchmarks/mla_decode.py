@@ -77,7 +77,8 @@ def sweep(args) -> int:
         H, r, dr, S = args.heads, args.rank, args.rope_dim, args.queries
         batches, contexts, names = args.batch, args.context, args.variants or list(md.VARIANTS)
         chip = torch.cuda.get_device_name()
-        bench = lambda fn: triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")  # noqa: E731
+        def bench(fn):
+            return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
     peak = hbm_bandwidth(chip) if not smoke else None
     scaling = (128 + dr) ** -0.5
     print(f"{chip}, H={H} r={r} dr={dr}, {S} quer{'y' if S == 1 else 'ies'}/row, {len(names)} variants"
@@ -92,7 +93,8 @@ def sweep(args) -> int:
                 fp8 = cache == "fp8"
                 g = torch.Generator(device=device).manual_seed(B * 100003 + T)
                 make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)  # noqa: E731
-                q_lat, q_pe, c_kv, k_pe = make(B, H, S, r) * 0.05, make(B, H, S, dr), make(B, 1, T, r), make(B, 1, T, dr)
+                q_lat, q_pe = make(B, H, S, r) * 0.05, make(B, H, S, dr)
+                c_kv, k_pe = make(B, 1, T, r), make(B, 1, T, dr)
                 extra = {}
                 # fp32 reference (materialized scores), on the same bf16 / e4m3 inputs
                 if fp8:

@@ -77,7 +77,8 @@ def _build_kernel():
         stride_on, stride_oh,
         stride_sb, stride_st,
         H, S, T, R, DR, scale, SPLIT_T,
-        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORMALIZE: tl.constexpr,
     ):  # fmt: skip
         pid_bs = tl.program_id(0)
@@ -395,7 +396,8 @@ def mla_decode_attention(
 ) -> torch.Tensor:
     """Triton absorbed-MLA attention; see the module docstring for shapes. Returns o_lat [B, H, S, r].
 
-    ``c_kv`` bf16/fp16/fp32, or float8_e4m3fn with ``c_kv_scale [B, 1, T, ceil(r/128)]`` (:func:`quantize_latent_cache`).
+    ``c_kv`` bf16/fp16/fp32, or float8_e4m3fn with ``c_kv_scale [B, 1, T, ceil(r/128)]``
+    (:func:`quantize_latent_cache`).
     Launch configuration: ``variant`` (an :class:`MLAVariant` or its name) or, when None, the per-shape rule
     (:func:`choose_variant`); explicit ``block_t`` / ``block_h`` / ``num_splits`` / ``num_warps`` / ``num_stages``
     override single fields. ``num_splits``: parts of the cache processed by separate programs (default: from the
@@ -408,7 +410,8 @@ def mla_decode_attention(
     if fp8_cache != (c_kv_scale is not None):
         raise ValueError("an e4m3 c_kv needs c_kv_scale [B, 1, T, ceil(r/128)], and only an e4m3 c_kv takes one")
     if fp8_cache and tuple(c_kv_scale.shape) != (batch, 1, length, -(-rank // 128)):
-        raise ValueError(f"c_kv_scale has shape {tuple(c_kv_scale.shape)}, expected {(batch, 1, length, -(-rank // 128))}")
+        expected = (batch, 1, length, -(-rank // 128))
+        raise ValueError(f"c_kv_scale has shape {tuple(c_kv_scale.shape)}, expected {expected}")
     if isinstance(variant, str):
         variant = MLAVariant.from_name(variant)
     if variant is None:

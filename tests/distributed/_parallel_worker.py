@@ -2,8 +2,7 @@
 
 Loads INIT sharded by transformers' machinery -- `from_pretrained(..., tp_plan="auto")` (mode `tp`) or
 `distributed_config=DistributedConfig(tp_size=2, ep_size=2)` (mode `tp_ep`: dense layers tensor parallel, whole
-routed experts per rank) or `DistributedConfig(enable_expert_parallel=True)` (mode `ep_flag`, the deprecated flag) --
-and the same checkpoint unsharded, then on one batch (both ranks hold the same batch, as TP ranks do):
+routed experts per rank) -- and the same checkpoint unsharded, then on one batch (both ranks hold the same batch, as TP ranks do):
 
 - eval forward: logits of the sharded and the unsharded model;
 - one training forward + backward with labels (main + MTP + balance loss): every parameter's gradient, gathered;
@@ -32,12 +31,9 @@ def load(path: str, mode: str | None):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if mode == "tp":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, tp_plan="auto")
-    if mode == "tp_ep":
-        config = DistributedConfig(tp_size=2, ep_size=2)
-    elif mode == "ep_flag":
-        config = DistributedConfig(enable_expert_parallel=True)
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+    if mode != "tp_ep":
+        raise ValueError(f"unknown mode {mode!r}: use tp or tp_ep")
+    config = DistributedConfig(tp_size=2, ep_size=2)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, distributed_config=config)
 
 
@@ -49,8 +45,6 @@ def main(init: str, out: str, mode: str) -> None:
     torch.set_num_threads(1)
     from deepseek_v3.trainers.balancing import find_routers, update_expert_bias
 
-    if mode == "ep_flag" and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the deprecated flag reads the rank while the config is built
     sharded = load(init, mode)
     reference = load(init, None)
     if dist.get_world_size() != 2:

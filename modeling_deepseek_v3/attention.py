@@ -146,10 +146,15 @@ class DeepseekV3Attention(nn.Module):
         return query_len * (2 * r - self.qk_nope_head_dim - self.v_head_dim) < r * (self.qk_nope_head_dim + self.v_head_dim)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy)."""
-        if self.kv_b_proj.weight.element_size() < 2:
+        """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy).
+
+        Under tensor parallelism kv_b_proj's rows are split by head (colwise): this rank's shard holds its H/tp heads."""
+        weight = self.kv_b_proj.weight
+        if weight.element_size() < 2:
             raise ValueError("absorbed MLA needs kv_b_proj's weight in a 16/32-bit float dtype, not stored as FP8")
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        if hasattr(weight, "to_local"):  # a DTensor (tensor parallel): this rank's heads
+            weight = weight.to_local()
+        w = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def absorbed_attention(
@@ -181,7 +186,7 @@ class DeepseekV3Attention(nn.Module):
         else:
             o_lat = absorbed_attention_torch(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)  # [B, H, S, r]
         out = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
-        return out.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return out.reshape(batch, seq, -1)  # [B, S, H * dv], this rank's heads under tensor parallelism
 
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, S, hidden] -> [B, H, S, dn + dr] (H = this rank's heads under tensor parallelism)."""

@@ -4,7 +4,7 @@ Loads INIT sharded by transformers' machinery -- `from_pretrained(..., tp_plan="
 `distributed_config=DistributedConfig(tp_size=2, ep_size=2)` (mode `tp_ep`: dense layers tensor parallel, whole
 routed experts per rank) -- and the same checkpoint unsharded, then on one batch (both ranks hold the same batch, as TP ranks do):
 
-- eval forward: logits of the sharded and the unsharded model;
+- eval forward: logits of the sharded and the unsharded model; greedy generation (expanded and absorbed MLA decode);
 - one training forward + backward with labels (main + MTP + balance loss): every parameter's gradient, gathered;
 - one aux-loss-free bias update (`update_expert_bias`, counts all-reduced over the ranks);
 - `save_pretrained` of the sharded model into OUT/saved (rank 0 writes the published layout).
@@ -60,6 +60,15 @@ def main(init: str, out: str, mode: str) -> None:
     with torch.no_grad():
         logits = full(sharded(input_ids=input_ids).logits)
         result["logits_diff"] = (logits - reference(input_ids=input_ids).logits).abs().max().item()
+        # greedy decoding over the cache, expanded and absorbed MLA (the absorbed path attends over the latent with
+        # this rank's heads of kv_b_proj); experts at inference go through transformers' EP all-reduce
+        result["generate_equal"] = {}
+        for absorb in ("off", "on"):
+            sharded.config.mla_absorb = reference.config.mla_absorb = absorb
+            prompt = input_ids[:1, :8]
+            tokens = [model.generate(prompt, max_new_tokens=6, do_sample=False) for model in (sharded, reference)]
+            result["generate_equal"][absorb] = torch.equal(*tokens)
+        sharded.config.mla_absorb = reference.config.mla_absorb = "auto"
 
     sharded.train(), reference.train()
     for model in (sharded, reference):

@@ -227,6 +227,7 @@ def test_tensor_and_expert_parallel_forward_and_gradients(mode, init_checkpoints
     for r in ranks:
         assert r["world"] == 2
         assert r["logits_diff"] <= TOLERANCE, r["logits_diff"]
+        assert r["generate_equal"] == {"off": True, "on": True}
         assert r["grad_diff"] <= TOLERANCE, (r["grad_worst"], r["grad_diff"])
         assert r["bias_diff"] == 0 and torch.equal(r["biases"], ranks[0]["biases"])
     assert ranks[0]["biases"].abs().max() > 0

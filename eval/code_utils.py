@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import builtins
+import importlib.util
 import re
 from typing import Sequence
 
@@ -16,12 +19,39 @@ def extract_code_block(text: str) -> str | None:
     return max(blocks, key=len) if blocks else None
 
 
-def execute_programs(programs: Sequence[str], timeout: float, workers: int | None, progress: bool, desc: str) -> list[dict]:
-    results = run_many(programs, timeout, workers=workers, progress=progress, desc=desc)
+def split_test_names(tests: str) -> tuple[list[str], list[str]] | None:
+    """The names ``tests`` uses without defining them: (called names = the solution's entry points, importable
+    modules such as ``math`` that the tests borrow from the solution's imports). None when another free name is used
+    (e.g. a class the solution defines, used as a value) so the tests cannot run apart from the solution."""
+    tree = ast.parse(tests)
+    defined = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            defined.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    free -= defined | set(dir(builtins))
+    entry = sorted(free & called)
+    others = sorted(free - called)
+    if any(importlib.util.find_spec(name) is None for name in others):
+        return None
+    return entry, others
+
+
+def execute_jobs(jobs: Sequence, timeout: float, workers: int | None, progress: bool, desc: str) -> list[dict]:
+    """Run sandbox jobs (``run_tests`` argument dicts, or self-checking program strings) and summarise each."""
+    results = run_many(jobs, timeout, workers=workers, progress=progress, desc=desc)
     return [{
         "correct": r.passed,
         "status": r.status,
         "returncode": r.returncode,
+        "verdict": r.verdict,
         "stderr": r.stderr[-1000:],
         "duration": round(r.duration, 4),
     } for r in results]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Task, register_task
-from .code_utils import execute_programs, extract_code_block
+from .code_utils import execute_jobs, extract_code_block
 from .data import read_jsonl
 
 
@@ -69,9 +69,16 @@ class HumanEval(Task):
     def program(self, doc: dict, completion: str) -> str:
         return f"{build_solution(doc, completion)}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
+    def job(self, doc: dict, completion: str) -> dict:
+        """Sandbox job: the solution runs in the candidate process, the tests (with the prompt's helpers) in the
+        judge (``sandbox.run_tests``)."""
+        return {"solution": build_solution(doc, completion), "tests": f"{doc['test']}\n\ncheck({doc['entry_point']})\n",
+                "entry_points": [doc["entry_point"]], "prelude": doc["prompt"],
+                "fallback_inline": self.program(doc, completion)}
+
     def score_batch(self, items: Sequence[tuple[dict, str]]) -> list[dict]:
-        programs = [self.program(doc, c) for doc, c in items]
-        results = execute_programs(programs, self.timeout, self.workers, self.progress, f"{self.name} execution")
+        jobs = [self.job(doc, c) for doc, c in items]
+        results = execute_jobs(jobs, self.timeout, self.workers, self.progress, f"{self.name} execution")
         for (doc, c), res in zip(items, results):
             res["extracted"] = build_solution(doc, c)[len(doc["prompt"]):]
         return results

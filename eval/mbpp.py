@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Task, register_task
-from .code_utils import execute_programs, extract_code_block
+from .code_utils import execute_jobs, extract_code_block, split_test_names
 from .data import load_hub, read_jsonl
 
 FEWSHOT_IDS = (2, 3, 4)
@@ -102,9 +102,20 @@ class MBPP(Task):
         tests = "\n".join(doc["test_list"])
         return f"{extract_solution(completion)}\n\n{doc.get('test_setup_code') or ''}\n\n{tests}\n"
 
+    def job(self, doc: dict, completion: str) -> dict | str:
+        """Sandbox job: the tests run in the judge, calling the solution's functions (``sandbox.run_tests``); a
+        task whose tests use a solution-defined class as a value (task 367) runs as one self-checking program."""
+        tests = f"{doc.get('test_setup_code') or ''}\n\n" + "\n".join(doc["test_list"]) + "\n"
+        names = split_test_names(tests)
+        if names is None:
+            return self.program(doc, completion)
+        entry, modules = names
+        return {"solution": extract_solution(completion), "tests": tests, "entry_points": entry,
+                "prelude": "".join(f"import {m}\n" for m in modules), "fallback_inline": self.program(doc, completion)}
+
     def score_batch(self, items: Sequence[tuple[dict, str]]) -> list[dict]:
-        programs = [self.program(doc, c) for doc, c in items]
-        results = execute_programs(programs, self.timeout, self.workers, self.progress, f"{self.name} execution")
+        jobs = [self.job(doc, c) for doc, c in items]
+        results = execute_jobs(jobs, self.timeout, self.workers, self.progress, f"{self.name} execution")
         for (doc, c), res in zip(items, results):
             res["extracted"] = extract_solution(c)
         return results

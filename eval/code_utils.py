@@ -19,10 +19,31 @@ def extract_code_block(text: str) -> str | None:
     return max(blocks, key=len) if blocks else None
 
 
-def split_test_names(tests: str) -> tuple[list[str], list[str]] | None:
+def top_level_names(code: str) -> set[str]:
+    """Names a (trusted, reference) solution defines at module level."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in getattr(node, "targets", [getattr(node, "target", None)]):
+                if isinstance(t, ast.Name):
+                    names.add(t.id)
+    return names
+
+
+def split_test_names(tests: str, entry_points: Sequence[str] = ()) -> tuple[list[str], list[str]] | None:
     """The names ``tests`` uses without defining them: (called names = the solution's entry points, importable
     modules such as ``math`` that the tests borrow from the solution's imports). None when another free name is used
-    (e.g. a class the solution defines, used as a value) so the tests cannot run apart from the solution."""
+    (e.g. a class the solution defines, used as a value) so the tests cannot run apart from the solution.
+    ``entry_points`` are entry points even where the tests only pass them on (``check(candidate_name)``) or where
+    they shadow a builtin (MBPP task 126 defines ``sum``): pass the names the *reference* solution defines, never
+    names taken from the candidate (a candidate redefining ``set`` would otherwise answer both sides of
+    ``set(f(x)) == set(y)``)."""
     tree = ast.parse(tests)
     defined = set()
     for node in ast.walk(tree):
@@ -36,9 +57,10 @@ def split_test_names(tests: str) -> tuple[list[str], list[str]] | None:
             defined.add(node.arg)
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    free -= defined | set(dir(builtins))
-    entry = sorted(free & called)
-    others = sorted(free - called)
+    free -= defined
+    entry = sorted(free & (called | set(entry_points)) - (set(dir(builtins)) - set(entry_points)))
+    free -= set(dir(builtins)) - set(entry)
+    others = sorted(free - set(entry))
     if any(importlib.util.find_spec(name) is None for name in others):
         return None
     return entry, others

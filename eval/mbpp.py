@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Task, register_task
-from .code_utils import execute_jobs, extract_code_block, split_test_names
+from .code_utils import execute_jobs, extract_code_block, split_test_names, top_level_names
 from .data import load_hub, read_jsonl
 
 FEWSHOT_IDS = (2, 3, 4)
@@ -105,8 +105,10 @@ class MBPP(Task):
     def job(self, doc: dict, completion: str) -> dict | str:
         """Sandbox job: the tests run in the judge, calling the solution's functions (``sandbox.run_tests``); a
         task whose tests use a solution-defined class as a value (task 367) runs as one self-checking program."""
-        tests = f"{doc.get('test_setup_code') or ''}\n\n" + "\n".join(doc["test_list"]) + "\n"
-        names = split_test_names(tests)
+        if doc.get("test_setup_code"):  # builds test data from the solution's own classes: cannot be split
+            return self.program(doc, completion)
+        tests = "\n".join(doc["test_list"]) + "\n"
+        names = split_test_names(tests, sorted(top_level_names(doc.get("code") or "")))
         if names is None:
             return self.program(doc, completion)
         entry, modules = names

@@ -31,7 +31,7 @@ sample count as passed.
   tests in its own interpreter with each entry point replaced by a proxy: a call sends the arguments to the
   candidate and gets back the return value, encoded as plain data and rebuilt by the judge from builtin types only
   (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``, ``list``, ``tuple``, ``dict``, ``set``,
-  ``frozenset``). The comparisons (``==``, ``abs(...) < 1e-6``) therefore run on real builtins in the judge: an object
+  ``frozenset``, and ``collections``' ``Counter``, ``OrderedDict``, ``defaultdict``, ``deque``). The comparisons (``==``, ``abs(...) < 1e-6``) therefore run on real builtins in the judge: an object
   whose ``__eq__`` always returns True cannot cross, the expected answers never exist in the candidate's process or
   file system, and there is no sentinel to read or print: ``sys.exit(0)``/``os._exit(0)``, killing the judge or
   printing anything all leave the judge without a "passed" verdict.
@@ -79,7 +79,7 @@ class SandboxUnavailableError(RuntimeError):
 # stdin: one JSON object {"mode": "split"|"inline", "solution": str, "tests": str, "prelude": str,
 # "entry_points": [str]} (inline: "solution" is the whole self-checking program).
 _JUDGE = r'''
-import os, sys, json, struct, resource, traceback, builtins
+import os, sys, json, struct, resource, traceback, builtins, collections
 verdict_fd, mem, cpu, nproc, fsize, guards = map(int, sys.argv[1:7])
 
 def _limit(which, value):
@@ -117,7 +117,11 @@ def _recv(fd):
     (n,) = struct.unpack("<Q", exact(8))
     return json.loads(exact(n))
 
-# ---- plain-data codec: only exact builtin types cross, and the judge rebuilds them from JSON
+# ---- plain-data codec: only exact builtin types (and collections' Counter, OrderedDict, defaultdict, deque) cross,
+# and the judge rebuilds them from JSON with its own classes
+_MAPPINGS = {collections.Counter: "ctr", collections.OrderedDict: "od", collections.defaultdict: "dd"}
+_REBUILD = {"d": dict, "ctr": lambda items: collections.Counter(dict(items)), "od": collections.OrderedDict,
+            "dd": lambda items: collections.defaultdict(None, items)}
 def _enc(x):
     t = type(x)
     if x is None or t is bool or t is str:
@@ -140,6 +144,10 @@ def _enc(x):
         return {"fs": [_enc(v) for v in x]}
     if t is dict:
         return {"d": [[_enc(k), _enc(v)] for k, v in x.items()]}
+    if t in _MAPPINGS:
+        return {_MAPPINGS[t]: [[_enc(k), _enc(v)] for k, v in x.items()]}
+    if t is collections.deque:
+        return {"dq": [_enc(v) for v in x]}
     raise TypeError(f"value of type {t.__name__} cannot cross the sandbox boundary (only builtin data types)")
 
 def _dec(x):
@@ -156,15 +164,15 @@ def _dec(x):
         return complex(float.fromhex(str(v[0])), float.fromhex(str(v[1])))
     if tag == "b":
         return bytes.fromhex(str(v))
-    if tag in ("l", "t", "s", "fs"):
+    if tag in ("l", "t", "s", "fs", "dq"):
         if type(v) is not list:
             raise ValueError("malformed value from the candidate")
         items = [_dec(i) for i in v]
-        return {"l": list, "t": tuple, "s": set, "fs": frozenset}[tag](items)
-    if tag == "d":
+        return {"l": list, "t": tuple, "s": set, "fs": frozenset, "dq": collections.deque}[tag](items)
+    if tag in _REBUILD:
         if type(v) is not list:
             raise ValueError("malformed value from the candidate")
-        return {_dec(k): _dec(val) for k, val in v}
+        return _REBUILD[tag]([(_dec(k), _dec(val)) for k, val in v])
     raise ValueError("malformed value from the candidate")
 
 # ---- Python-level guards (only in the weak fallback; with bubblewrap the OS is the boundary)

@@ -366,49 +366,88 @@ class ExecutionResult:
         return out
 
 
-def _python() -> str:
-    """The real interpreter (venvs are symlinks); the sandbox gets its installation prefix read-only."""
+def _harness_python() -> str:
+    """The real interpreter of the harness (venvs are symlinks)."""
     return os.path.realpath(sys.executable)
 
 
-def _runtime_dirs() -> list[str]:
-    """Directories outside /usr that the interpreter needs (its prefix, e.g. a pyenv build under /root)."""
-    dirs = []
-    for p in {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}:
-        if not (p == "/usr" or p.startswith("/usr/")):
-            dirs.append(p)
-    return sorted(dirs)
+def _prefix_dirs(python: str) -> list[str]:
+    """Directories outside /usr that ``python`` needs (its installation prefix, e.g. a pyenv build under /root)."""
+    if python != _harness_python():
+        return []  # a system interpreter: everything is under /usr
+    dirs = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
+    return sorted(p for p in dirs if not (p == "/usr" or p.startswith("/usr/")))
 
 
-def _bwrap_command() -> list[str]:
-    exe = shutil.which("bwrap")
-    cmd = [exe, "--unshare-all", "--unshare-user", "--uid", str(NOBODY_UID), "--gid", str(NOBODY_GID), "--cap-drop",
-           "ALL", "--die-with-parent", "--new-session", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+@dataclass(frozen=True)
+class _Setup:
+    """How the full sandbox starts here: the interpreter inside it and whether bwrap itself runs as ``nobody``."""
+
+    python: str
+    as_nobody: bool
+    problem: str | None = None  # why full isolation is unavailable (None: it works)
+    note: str = ""
+
+
+def _bwrap_command(setup: _Setup) -> list[str]:
+    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--uid", str(NOBODY_UID), "--gid",
+           str(NOBODY_GID), "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+           "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             cmd += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
-    for path in _runtime_dirs():
+    for path in _prefix_dirs(setup.python):
         cmd += ["--ro-bind", path, path]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     return cmd
 
 
-@functools.lru_cache(maxsize=None)
-def _bwrap_works() -> str | None:
-    """None when bubblewrap runs a Python inside the full sandbox here, else why not."""
-    if shutil.which("bwrap") is None:
-        return "bwrap is not installed (apt-get install bubblewrap)"
+def _user_kwargs(setup: _Setup) -> dict:
+    return {"user": NOBODY_UID, "group": NOBODY_GID, "extra_groups": []} if setup.as_nobody else {}
+
+
+def _probe(setup: _Setup) -> str | None:
     try:
-        proc = subprocess.run([*_bwrap_command(), _python(), "-I", "-c", "import os; print(os.getuid())"],
-                              capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        proc = subprocess.run([*_bwrap_command(setup), setup.python, "-I", "-c", "import os; print(os.getuid())"],
+                              capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                              **_user_kwargs(setup))
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap could not start: {err}"
     if proc.returncode != 0 or proc.stdout.strip() != str(NOBODY_UID).encode():
-        return (f"bwrap failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-300:]} "
-                "(are unprivileged user namespaces disabled?)")
+        return f"bwrap failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-300:]}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _setup() -> _Setup:
+    """The strongest working configuration, probed once.
+
+    As root, bwrap is started as ``nobody``: a sandbox whose uid maps to host root is exempt from ``RLIMIT_NPROC``
+    (the kernel never limits root's processes), so a fork bomb would only be stopped by the timeout. ``nobody``
+    cannot reach an interpreter under ``/root`` (pyenv), so the system ``/usr/bin/python3`` is used then (the
+    benchmarks need only the standard library); mapping to root is the last resort and is recorded.
+    """
+    if shutil.which("bwrap") is None:
+        return _Setup(_harness_python(), False, "bwrap is not installed (apt-get install bubblewrap)")
+    harness = _harness_python()
+    if os.geteuid() != 0:
+        candidates = [_Setup(harness, False)]
+    else:
+        system = shutil.which("python3", path="/usr/bin:/bin")
+        candidates = [_Setup(harness, True)]
+        if system and os.path.realpath(system) != harness:
+            candidates.append(_Setup(os.path.realpath(system), True,
+                                     note="system interpreter: the harness's Python is not readable by nobody"))
+        candidates.append(_Setup(harness, False, note="bwrap runs as root: RLIMIT_NPROC is not enforced"))
+    problems = []
+    for cand in candidates:
+        problem = _probe(cand)
+        if problem is None:
+            return cand
+        problems.append(problem)
+    return _Setup(harness, False, problems[-1] + " (are unprivileged user namespaces disabled?)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -433,16 +472,22 @@ def weak_allowed(flag: bool = False) -> bool:
 
 def sandbox_capabilities(allow_weak: bool = False) -> dict:
     """Which containment layers are active on this machine (recorded in results.json)."""
-    problem = _bwrap_works()
+    setup = _setup()
+    problem = setup.problem
     if problem is None:
         return {
             "isolation": "bwrap",
+            "python": setup.python,
+            "bwrap_user": "nobody" if setup.as_nobody else f"uid {os.geteuid()}",
+            "nproc_enforced": setup.as_nobody or os.geteuid() != 0,
+            "note": setup.note,
             "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
             "capabilities": "none (--cap-drop ALL)",
-            "filesystem": "read-only /usr, /bin, /lib*, " + ", ".join(_runtime_dirs() or ["(python under /usr)"])
+            "filesystem": "read-only /usr, /bin, /lib*, " + ", ".join(_prefix_dirs(setup.python) or ["(python under /usr)"])
                           + f"; private tmpfs /tmp ({TMPFS_BYTES >> 20} MiB, working dir); own /proc, minimal /dev",
             "network_isolated": True,
-            "user": f"uid {NOBODY_UID} in its own user namespace (host uid {os.geteuid()}, no capabilities)",
+            "user": f"uid {NOBODY_UID} in its own user namespace (host uid "
+                    f"{NOBODY_UID if setup.as_nobody else os.geteuid()}, no capabilities)",
             "rlimits": ["AS", "DATA", "CPU", "NPROC", "FSIZE", "CORE"],
             "verdict": "split-process judge (run_tests); in-process for run_code",
             "python_guards": [],
@@ -484,7 +529,8 @@ def _execute(job: dict, timeout: float, *, memory_mb: int, cpu_seconds: int | No
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if cpu_seconds is None:
         cpu_seconds = int(timeout) + 1
-    problem = _bwrap_works()
+    setup = _setup()
+    problem = setup.problem
     if problem is not None and not weak_allowed(allow_weak):
         raise SandboxUnavailableError(
             f"refusing to run untrusted code without full isolation: {problem}. Fix: install bubblewrap "
@@ -493,9 +539,9 @@ def _execute(job: dict, timeout: float, *, memory_mb: int, cpu_seconds: int | No
     weak = problem is not None
     verdict_r, verdict_w = os.pipe()
     workdir = tempfile.mkdtemp(prefix="dsv3-sandbox-") if weak else None
-    args = [_python(), "-I", "-c", _JUDGE, str(verdict_w), str(memory_mb * 1024 * 1024), str(cpu_seconds),
+    args = [setup.python, "-I", "-c", _JUDGE, str(verdict_w), str(memory_mb * 1024 * 1024), str(cpu_seconds),
             str(max_processes), str(max_file_mb * 1024 * 1024), "1" if weak else "0"]
-    cmd = [*(_unshare_prefix() if weak else _bwrap_command()), *args]
+    cmd = [*(_unshare_prefix() if weak else _bwrap_command(setup)), *args]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HOME": workdir or "/tmp", "TMPDIR": workdir or "/tmp"}
     start = time.monotonic()
@@ -506,7 +552,7 @@ def _execute(job: dict, timeout: float, *, memory_mb: int, cpu_seconds: int | No
             try:
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out_f, stderr=err_f, cwd=workdir or "/",
                                         env=env, start_new_session=True, close_fds=True,
-                                        pass_fds=[verdict_w])
+                                        pass_fds=[verdict_w], **({} if weak else _user_kwargs(setup)))
             except OSError as err:
                 return ExecutionResult("error", None, stderr=f"could not start sandbox: {err}", verdict=mode,
                                        isolation=isolation)

@@ -10,13 +10,25 @@ from typing import Sequence
 
 from .sandbox import run_many
 
-_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
+# A fence opens at the start of a line (a ``` inside a comment or a string in the middle of a line is code, not a
+# fence) and closes at the start of a line or at the end of the text.
+_BLOCK = re.compile(r"(?:^|\n)[ \t]*```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*```|$)",
+                    re.DOTALL | re.IGNORECASE)
 
 
 def extract_code_block(text: str) -> str | None:
     """The longest fenced code block of ``text`` (an unterminated final fence counts), or None."""
     blocks = _BLOCK.findall(text)
     return max(blocks, key=len) if blocks else None
+
+
+def parses(code: str) -> bool:
+    """Whether ``code`` is syntactically valid Python (checked on the host, nothing is executed)."""
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def top_level_names(code: str) -> set[str]:

@@ -52,6 +52,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=_positive_float, default=10.0,
                    help="per-program wall-clock timeout in seconds (code tasks)")
     p.add_argument("--workers", type=_positive_int, default=None, help="parallel sandboxed executions (code tasks)")
+    p.add_argument("--strip-reasoning", choices=["auto", "on", "off"], default="auto",
+                   help="score only the text after the reasoning block (auto: on for chat runs / when a closing tag "
+                        "occurs in the predictions; an unclosed block is no answer)")
+    p.add_argument("--reasoning-tags", default="<think>,</think>", help="OPEN,CLOSE reasoning tags")
     p.add_argument("--allow-weak-sandbox", action="store_true",
                    help="run untrusted code even where bubblewrap isolation is unavailable (weaker: see docs/eval.md)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
@@ -112,6 +116,7 @@ def _message(err: BaseException) -> str:
 
 
 def run_command(args) -> int:
+    from .reasoning import parse_tags
     from .runner import json_safe, run_evaluation
     from .sandbox import SandboxUnavailableError
 
@@ -125,6 +130,7 @@ def run_command(args) -> int:
             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, chat=args.chat,
             num_fewshot=args.num_fewshot, seed=args.seed, ks=args.k, timeout=args.timeout, workers=args.workers,
             dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
+            strip_reasoning=args.strip_reasoning, reasoning_tags=parse_tags(args.reasoning_tags),
         )
     except (*ERRORS, SandboxUnavailableError) as err:
         print(f"error: {_message(err)}", file=sys.stderr)
@@ -152,6 +158,7 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 def score_command(args) -> int:
     from .base import get_task, score_predictions
+    from .reasoning import parse_tags, resolve_policy
     from .runner import json_safe
     from .sandbox import SandboxUnavailableError
 
@@ -159,7 +166,14 @@ def score_command(args) -> int:
     try:
         task = get_task(args.task, data_dir=args.data_dir, ks=args.k, timeout=args.timeout, workers=args.workers,
                         progress=not args.no_progress)
-        metrics, records = score_predictions(task, read_predictions(args.predictions))
+        predictions = read_predictions(args.predictions)
+        policy = resolve_policy(args.strip_reasoning, parse_tags(args.reasoning_tags),
+                                completions=[p.get("completion") for p in predictions if isinstance(p, dict)
+                                             and isinstance(p.get("completion"), str)])
+        predictions = [{**p, "completion": policy.answer(p["completion"])}
+                       if isinstance(p, dict) and isinstance(p.get("completion"), str) else p for p in predictions]
+        metrics, records = score_predictions(task, predictions)
+        metrics["reasoning"] = policy.describe()
     except (*ERRORS, SandboxUnavailableError) as err:
         print(f"error: {_message(err)}", file=sys.stderr)
         return 2

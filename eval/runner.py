@@ -26,9 +26,28 @@ from typing import Any, Sequence
 
 from .base import Task, get_task
 from .data import iter_jsonl_records
+from .reasoning import DEFAULT_TAGS, ReasoningPolicy, resolve_policy
 
 RESUME_KEYS = ("model", "backend", "temperature", "top_p", "max_new_tokens", "num_samples", "chat", "num_fewshot",
-               "seed")
+               "seed", "strip_reasoning", "reasoning_tags")
+
+
+def deviations() -> list[str]:
+    """Every deliberate difference from the reference harnesses (also listed in docs/eval.md)."""
+    return [
+        "humaneval/mbpp: when prompt + completion is not valid Python, the longest fenced code block (a line starting "
+        "with ```) is used; human-eval / the MBPP paper score the raw text",
+        "humaneval/mbpp: tests run in a separate judge process; solutions' return values cross as plain builtin data "
+        "(also collections' Counter/OrderedDict/defaultdict/deque), any other returned type fails the test",
+        "mbpp: test_setup_code runs after the solution (task 367's setup builds the solution's classes; in-process)",
+        "code sandbox: bubblewrap, no network (sockets can be created, connections fail), read-only /usr + Python, "
+        "private 128 MiB /tmp, per-program wall-clock timeout (--timeout, default 10 s), 2 GiB address space, 64 "
+        "processes, 64 MiB files",
+        "gsm8k/gsm8k_cot --chat: zero-shot instruction prompt (lm-eval's prompts are completion-style few-shot)",
+        "gsm8k: numeric_strict / numeric_flexible are our lenient numeric scorers (not lm-eval metrics)",
+        "reasoning: with strip_reasoning, only the text after the last closing tag is scored and an unclosed "
+        "reasoning block is no answer",
+    ]
 
 
 def versions() -> dict:
@@ -122,8 +141,13 @@ def validate_run_args(*, limit: int | None, num_samples: int, ks: Sequence[int],
 
 def evaluate_task(task: Task, backend, *, output_dir: Path, limit: int | None = None, num_samples: int = 1,
                   max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                  batch_size: int = 8, progress: bool = True) -> dict:
-    """Run one task (resuming from ``<output_dir>/<task>/samples.jsonl``) and return its metrics and timings."""
+                  batch_size: int = 8, progress: bool = True, reasoning: ReasoningPolicy | None = None) -> dict:
+    """Run one task (resuming from ``<output_dir>/<task>/samples.jsonl``) and return its metrics and timings.
+
+    With ``reasoning`` enabled, generated completions are scored on the text after the reasoning block (the record
+    keeps the full ``completion`` and the scored ``answer_text``)."""
+    reasoning = reasoning or ReasoningPolicy(False)
+    stripped = 0
     from tqdm.auto import tqdm
 
     t_start = time.monotonic()
@@ -165,12 +189,15 @@ def evaluate_task(task: Task, backend, *, output_dir: Path, limit: int | None = 
                 completions = [task.postprocess(r) for r in raw]
                 extra = [{} for _ in chunk]
             t1 = time.monotonic()
-            scored = task.score_batch([(d, c) for (d, _), c in zip(chunk, completions)])
+            answers = completions if task.output_type == "loglikelihood" else [reasoning.answer(c) for c in completions]
+            stripped += sum(a != c for a, c in zip(answers, completions))
+            scored = task.score_batch([(d, a) for (d, _), a in zip(chunk, answers)])
             t_score += time.monotonic() - t1
             t_model += t1 - t0
-            for (doc, i), prompt, completion, res, ext in zip(chunk, prompts, completions, scored, extra):
+            for (doc, i), prompt, completion, answer, res, ext in zip(chunk, prompts, completions, answers, scored,
+                                                                      extra):
                 rec = {"task_id": doc["task_id"], "sample_index": i, "prompt": prompt, "completion": completion,
-                       **res, **ext}
+                       **({"answer_text": answer} if answer != completion else {}), **res, **ext}
                 writer.write(rec)
                 done[(doc["task_id"], i)] = rec
             bar.update(len(chunk))
@@ -187,7 +214,8 @@ def evaluate_task(task: Task, backend, *, output_dir: Path, limit: int | None = 
         "num_samples": sum(len(v) for v in records.values()),
         "resumed_samples": resumed,
         "new_samples": len(pending),
-        "config": {**task.config(), "max_new_tokens": max_new, "stop": list(task.stop)},
+        "config": {**task.config(), "max_new_tokens": max_new, "stop": list(task.stop),
+                   "reasoning": {**reasoning.describe(), "changed_new_samples": stripped}},
         "timings": {"total_s": round(time.monotonic() - t_start, 3), "model_s": round(t_model, 3),
                     "scoring_s": round(t_score, 3)},
     }
@@ -199,6 +227,7 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
                    batch_size: int = 8, chat: str = "auto", num_fewshot: int | None = None, seed: int = 0,
                    ks: Sequence[int] = (1,), timeout: float = 10.0, workers: int | None = None,
                    dtype: str = "auto", device: str | None = None, overwrite: bool = False, progress: bool = True,
+                   strip_reasoning: str = "auto", reasoning_tags: Sequence[str] = DEFAULT_TAGS,
                    backend_obj: Any = None) -> dict:
     """Evaluate ``model`` on ``tasks``; writes ``results.json`` and per-task ``samples.jsonl`` under ``output_dir``."""
     from .base import list_tasks
@@ -217,7 +246,9 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
         raise ValueError(f"--output-dir {output_dir} is a file; give a directory")
     settings = {"model": model, "backend": backend, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "num_samples": num_samples, "chat": chat,
-                "num_fewshot": num_fewshot, "seed": seed}
+                "num_fewshot": num_fewshot, "seed": seed, "strip_reasoning": strip_reasoning,
+                "reasoning_tags": list(reasoning_tags)}
+    resolve_policy(strip_reasoning, tuple(reasoning_tags))  # validate before loading anything
     _check_resume(output_dir, tasks, settings, overwrite)
 
     import torch
@@ -231,6 +262,7 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
             kwargs.update(device=device, batch_size=batch_size)
         backend_obj = load_backend(backend, model, **kwargs)
     use_chat = chat == "on" or (chat == "auto" and bool(getattr(backend_obj, "has_chat_template", False)))
+    reasoning = resolve_policy(strip_reasoning, tuple(reasoning_tags), chat=use_chat)
     if temperature == 0 and num_samples > 1:
         print(f"warning: {num_samples} samples per problem with greedy decoding are identical; "
               "set --temperature > 0 for pass@k", file=sys.stderr)
@@ -243,6 +275,7 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
         "config": {**settings, "limit": limit, "batch_size": batch_size, "chat_resolved": use_chat,
                    "data_dir": str(data_dir) if data_dir else None, "ks": list(ks), "timeout": timeout,
                    "sampling": "greedy" if temperature == 0 else f"sampling(temperature={temperature}, top_p={top_p})",
+                   "reasoning": reasoning.describe(), "deviations": deviations(),
                    "backend_info": backend_obj.describe() if hasattr(backend_obj, "describe") else {}},
         "versions": versions(),
         "sandbox": sandbox_capabilities(),
@@ -258,7 +291,7 @@ def run_evaluation(*, model: str, tasks: Sequence[str], output_dir: str | Path, 
                         workers=workers, progress=progress)
         out = evaluate_task(task, backend_obj, output_dir=output_dir, limit=limit, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, reasoning=reasoning)
         results["results"][name] = out.pop("metrics")
         results["tasks"][name] = {**out, "settings": {**settings, "limit": limit, "ks": list(ks), "timeout": timeout,
                                                       "chat_resolved": use_chat}}

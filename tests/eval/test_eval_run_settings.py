@@ -117,3 +117,36 @@ def test_k_without_1_still_reports_pass_at_1_and_output_is_valid_json(data_dir, 
     from deepseek_v3.eval.runner import json_safe
 
     assert json.dumps(json_safe({"accuracy": math.nan, "x": [math.inf]}), allow_nan=False) == '{"accuracy": null, "x": [null]}'
+
+
+def test_reasoning_is_removed_by_default_for_chat_runs_and_recorded(data_dir, tmp_path):
+    class ChatBackend(EchoBackend):
+        has_chat_template = True
+
+    gold = get_task("gsm8k", data_dir=data_dir).docs()[0]["gold"]
+    out = tmp_path / "chat"
+    backend = ChatBackend(f"<think>maybe #### {gold}</think> The answer: #### 0")
+    results = _run(out, data_dir, ["gsm8k"], backend=backend)
+    assert results["results"]["gsm8k"]["exact_match_strict"] == 0.0  # the guess inside <think> is not the answer
+    reasoning = results["tasks"]["gsm8k"]["config"]["reasoning"]
+    assert reasoning["strip_reasoning"] is True and reasoning["tags"] == ["<think>", "</think>"]
+    assert results["config"]["reasoning"]["strip_reasoning"] is True and results["config"]["deviations"]
+    sample = json.loads((out / "gsm8k" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["completion"].startswith("<think>") and sample["answer_text"] == "The answer: #### 0"
+    # unclosed reasoning = no answer; turned off: the whole text is scored; configurable tags
+    unclosed = _run(tmp_path / "u", data_dir, ["gsm8k"], backend=ChatBackend(f"<think>#### {gold}"))
+    assert unclosed["results"]["gsm8k"]["exact_match_strict"] == 0.0
+    off = _run(tmp_path / "off", data_dir, ["gsm8k"], backend=ChatBackend(f"<think>#### {gold}"), strip_reasoning="off")
+    assert off["results"]["gsm8k"]["exact_match_strict"] > 0
+    tagged = _run(tmp_path / "t", data_dir, ["gsm8k"], backend=ChatBackend(f"[R]#### 0[/R] #### {gold}"),
+                  reasoning_tags=("[R]", "[/R]"))
+    assert tagged["results"]["gsm8k"]["exact_match_strict"] > 0
+
+
+def test_score_cli_strips_reasoning_when_closing_tags_occur(data_dir, tmp_path, capsys):
+    gold = get_task("gsm8k", data_dir=data_dir).docs()[0]["gold"]
+    lines = [{"task_id": "0", "completion": f"<think>#### {gold}</think> #### 1"}]
+    on = _score(["--task", "gsm8k", "--data-dir", str(data_dir)], tmp_path, lines, capsys)
+    off = _score(["--task", "gsm8k", "--data-dir", str(data_dir), "--strip-reasoning", "off"], tmp_path, lines, capsys)
+    assert json.loads(on.stdout.splitlines()[-1])["exact_match_strict"] == 0.0
+    assert json.loads(off.stdout.splitlines()[-1])["exact_match_strict"] == 1.0

@@ -195,6 +195,23 @@ def check_fp8_scales(directory: str | Path) -> None:
             "re-create it with `deepseek-v3 convert bf16-to-fp8`")
 
 
+def check_fp8_checkpoint_before_load(pretrained_model_name_or_path) -> None:
+    """For ``from_pretrained``: when the argument is a local FP8 checkpoint (``quantization_config.quant_method ==
+    "fp8"``), refuse it if a float8 tensor has no scale (see :func:`check_fp8_scales`); anything else is left to
+    transformers. transformers dequantizes on CPU only the weights it has scales for, so without this check a missing
+    non-expert scale (q_a_proj, kv_b_proj, o_proj, dense MLP, shared experts) loads raw e4m3 values as weights."""
+    path = Path(str(pretrained_model_name_or_path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        qc = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(qc, dict) and qc.get("quant_method") == "fp8":
+        check_fp8_scales(path)
+
+
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -98,3 +98,34 @@ def test_destination_file_and_malformed_index_errors_name_the_file(checkpoints, 
         err = capsys.readouterr().err
         assert str(index) in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _drop_scale(src, dst, tensor):
+    broken = _copy(src, dst)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"].pop(tensor + "_scale_inv")
+    tensors = load_file(broken / shard)
+    del tensors[tensor + "_scale_inv"]
+    save_file(tensors, broken / shard, metadata={"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    return broken
+
+
+def test_load_guard_refuses_a_missing_scale(checkpoints, tmp_path):
+    from deepseek_v3.kernels.fp8_checkpoint import check_fp8_checkpoint_before_load
+
+    broken = _drop_scale(checkpoints / "fp8", tmp_path / "broken", "model.layers.0.self_attn.o_proj.weight")
+    with pytest.raises(CheckpointError, match="o_proj.weight"):
+        check_fp8_checkpoint_before_load(broken)
+    check_fp8_checkpoint_before_load(checkpoints / "fp8")  # complete FP8 checkpoint
+    check_fp8_checkpoint_before_load(checkpoints / "bf16")  # not FP8
+    check_fp8_checkpoint_before_load("deepseek-ai/DeepSeek-V3")  # hub id: left to transformers
+
+
+@pytest.mark.xfail(strict=True, reason="needs DeepseekV3PreTrainedModel.from_pretrained to call "
+                   "kernels.fp8_checkpoint.check_fp8_checkpoint_before_load (modeling file, owned by the lead); "
+                   "remove this marker when it does")
+def test_from_pretrained_refuses_an_fp8_checkpoint_without_a_scale(checkpoints, tmp_path):
+    broken = _drop_scale(checkpoints / "fp8", tmp_path / "broken", "model.layers.0.self_attn.q_a_proj.weight")
+    with pytest.raises(CheckpointError, match="q_a_proj.weight"):
+        deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(broken)

@@ -4,6 +4,7 @@ outside the sandbox's temporary directory changes. Nothing the sandbox started i
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -209,3 +210,21 @@ def test_pool_keeps_going_through_all_attacks():
     results = run_many(programs, timeout=2.0, workers=4, progress=False)
     assert [r.passed for r in results] == [False] * 5 + [True] + [False] * 5 + [True]
     assert results[0].status == "timeout"
+
+
+def test_weaker_isolation_is_refused_unless_allowed(monkeypatch):
+    from deepseek_v3.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_setup", lambda: sandbox._Setup(sys.executable, False, "bwrap is not installed"))
+    monkeypatch.delenv(sandbox.WEAK_ENV, raising=False)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="apt-get install bubblewrap.*--allow-weak-sandbox"):
+        run_code("assert True")
+    caps = sandbox.sandbox_capabilities()
+    assert caps["isolation"] == "weak" and caps["bwrap_problem"] == "bwrap is not installed"
+    res = run_code("assert 1 + 1 == 2", allow_weak=True)
+    assert res.passed and res.isolation == "weak"
+    monkeypatch.setenv(sandbox.WEAK_ENV, "1")
+    split = sandbox.run_tests("def f(x):\n    return x * 2\n", "assert f(3) == 6\n", ["f"])
+    assert split.passed and split.verdict == "split-process"
+    guarded = run_code("import socket\nsocket.socket()\n")  # the Python guards are on in the weak mode
+    assert guarded.status == "failed" and "network access is disabled" in guarded.stderr

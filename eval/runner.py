@@ -38,8 +38,10 @@ def deviations() -> list[str]:
         "humaneval/mbpp: when prompt + completion is not valid Python, the longest fenced code block (a line starting "
         "with ```) is used; human-eval / the MBPP paper score the raw text",
         "humaneval/mbpp: tests run in a separate judge process; solutions' return values cross as plain builtin data "
-        "(also collections' Counter/OrderedDict/defaultdict/deque), any other returned type fails the test",
-        "mbpp: test_setup_code runs after the solution (task 367's setup builds the solution's classes; in-process)",
+        "(also collections' Counter/OrderedDict/defaultdict/deque); other objects are opaque handles that equal only "
+        "themselves",
+        "mbpp: test_setup_code runs with the tests, after the solution is loaded (task 367 builds the solution's "
+        "classes)",
         "code sandbox: bubblewrap, no network (sockets can be created, connections fail), read-only /usr + Python, "
         "private 128 MiB /tmp, per-program wall-clock timeout (--timeout, default 10 s), 2 GiB address space, 64 "
         "processes, 64 MiB files",

@@ -31,7 +31,9 @@ sample count as passed.
   tests in its own interpreter with each entry point replaced by a proxy: a call sends the arguments to the
   candidate and gets back the return value, encoded as plain data and rebuilt by the judge from builtin types only
   (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``, ``list``, ``tuple``, ``dict``, ``set``,
-  ``frozenset``, and ``collections``' ``Counter``, ``OrderedDict``, ``defaultdict``, ``deque``). The comparisons (``==``, ``abs(...) < 1e-6``) therefore run on real builtins in the judge: an object
+  ``frozenset``, and ``collections``' ``Counter``, ``OrderedDict``, ``defaultdict``, ``deque``); any other object
+  stays in the candidate and reaches the judge as an opaque handle (attributes readable / settable by value, can be
+  passed back) that equals only itself and has no truth value. The comparisons (``==``, ``abs(...) < 1e-6``) therefore run on real builtins in the judge: an object
   whose ``__eq__`` always returns True cannot cross, the expected answers never exist in the candidate's process or
   file system, and there is no sentinel to read or print: ``sys.exit(0)``/``os._exit(0)``, killing the judge or
   printing anything all leave the judge without a "passed" verdict.
@@ -39,8 +41,8 @@ sample count as passed.
 ``run_tests(solution, tests, entry_points)`` is that split mode. ``run_code(program)`` runs one self-checking
 program in a single process (the program's own asserts decide; the candidate process reports "finished" itself),
 which a program that imitates the harness protocol can forge; it is kept for callers whose tests cannot be split
-(MBPP task 367 builds its test data from a class the solution defines) and every result says which mode decided it
-(``ExecutionResult.verdict``).
+(tests that pass a value that cannot cross, or use a free name that is neither a function nor a module), and every
+result says which mode decided it (``ExecutionResult.verdict``).
 
 **Fallback** (no working ``bwrap``): refused by default with :class:`SandboxUnavailableError` (install bubblewrap:
 ``apt-get install bubblewrap``, and allow unprivileged user namespaces). With ``allow_weak=True`` (``eval
@@ -148,6 +150,11 @@ def _enc(x):
         return {_MAPPINGS[t]: [[_enc(k), _enc(v)] for k, v in x.items()]}
     if t is collections.deque:
         return {"dq": [_enc(v) for v in x]}
+    if _HANDLES is not None:  # candidate: keep the object, send a reference the judge can only pass back
+        _HANDLES.append(x)
+        return {"h": len(_HANDLES) - 1}
+    if t is _Handle:
+        return {"h": object.__getattribute__(x, "_id")}
     raise TypeError(f"value of type {t.__name__} cannot cross the sandbox boundary (only builtin data types)")
 
 def _dec(x):
@@ -169,11 +176,52 @@ def _dec(x):
             raise ValueError("malformed value from the candidate")
         items = [_dec(i) for i in v]
         return {"l": list, "t": tuple, "s": set, "fs": frozenset, "dq": collections.deque}[tag](items)
+    if tag == "h":
+        if type(v) is not int:
+            raise ValueError("malformed value from the candidate")
+        return _HANDLES[v] if _HANDLES is not None else _Handle(v)
     if tag in _REBUILD:
         if type(v) is not list:
             raise ValueError("malformed value from the candidate")
         return _REBUILD[tag]([(_dec(k), _dec(val)) for k, val in v])
     raise ValueError("malformed value from the candidate")
+
+_HANDLES = None  # set to a list in the candidate: objects of the solution's own types, sent by reference
+
+
+class _Handle:
+    """In the judge: an object of the solution's own type (e.g. MBPP 367's tree ``Node``), kept in the candidate.
+    It can be passed back to the solution and its attributes read / set (by value); it compares equal only to
+    itself and has no truth value, so it can never stand in for an expected answer."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, i):
+        object.__setattr__(self, "_id", i)
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("an object of the solution's own type has no truth value in the judge")
+
+    def __getattr__(self, name):
+        return _rpc({"getattr": [object.__getattribute__(self, "_id"), name]})
+
+    def __setattr__(self, name, value):
+        _rpc({"setattr": [object.__getattribute__(self, "_id"), name, _enc(value)]})
+
+    def __call__(self, *args, **kwargs):
+        return _rpc({"hcall": object.__getattribute__(self, "_id"), "args": _enc(list(args)), "kwargs": _enc(kwargs)})
+
+    def __repr__(self):
+        return f"<solution object #{object.__getattribute__(self, '_id')}>"
+
 
 # ---- Python-level guards (only in the weak fallback; with bubblewrap the OS is the boundary)
 _GUARDS = """
@@ -247,6 +295,8 @@ def _candidate(to_cand, from_cand):
     if ins["mode"] == "inline":
         _send(from_cand, {"finished": True})  # self-reported: see the module docstring
         os._exit(0)
+    global _HANDLES
+    _HANDLES = []
     _send(from_cand, {"ready": True})
     while True:
         try:
@@ -254,8 +304,14 @@ def _candidate(to_cand, from_cand):
         except EOFError:
             os._exit(0)
         try:
-            func = ns[req["call"]]
-            value = func(*_dec(req["args"]), **_dec(req["kwargs"]))
+            if "getattr" in req:
+                value = getattr(_HANDLES[req["getattr"][0]], req["getattr"][1])
+            elif "setattr" in req:
+                target, name, raw = req["setattr"]
+                value = setattr(_HANDLES[target], name, _dec(raw))
+            else:
+                func = ns[req["call"]] if "call" in req else _HANDLES[req["hcall"]]
+                value = func(*_dec(req["args"]), **_dec(req["kwargs"]))
             out = {"ok": _enc(value)}
         except BaseException as err:  # the judge re-raises it inside the test
             out = {"raise": [type(err).__name__, str(err)[:2000]]}
@@ -292,21 +348,24 @@ def _verdict(status, reason=""):
 class _Unsupported(Exception):
     pass
 
+def _rpc(payload):
+    _send(to_w, payload)
+    reply = _recv(back_r)
+    if "raise" in reply:
+        kind, msg = str(reply["raise"][0]), str(reply["raise"][1])
+        cls = getattr(builtins, kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            cls = RuntimeError
+        raise cls(msg)
+    return _dec(reply["ok"])
+
 def _proxy(name):
     def call(*args, **kwargs):
         try:
             payload = {"call": name, "args": _enc(list(args)), "kwargs": _enc(kwargs)}
         except TypeError as err:
             raise _Unsupported(f"argument of {name}(): {err}") from None
-        _send(to_w, payload)
-        reply = _recv(back_r)
-        if "raise" in reply:
-            kind, msg = str(reply["raise"][0]), str(reply["raise"][1])
-            cls = getattr(builtins, kind, None)
-            if not (isinstance(cls, type) and issubclass(cls, Exception)):
-                cls = RuntimeError
-            raise cls(msg)
-        return _dec(reply["ok"])
+        return _rpc(payload)
     call.__name__ = call.__qualname__ = name
     return call
 

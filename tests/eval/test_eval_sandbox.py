@@ -228,3 +228,17 @@ def test_weaker_isolation_is_refused_unless_allowed(monkeypatch):
     assert split.passed and split.verdict == "split-process"
     guarded = run_code("import socket\nsocket.socket()\n")  # the Python guards are on in the weak mode
     assert guarded.status == "failed" and "network access is disabled" in guarded.stderr
+
+
+def test_solution_objects_cross_by_reference_and_never_pass_for_answers():
+    from deepseek_v3.eval.sandbox import run_tests
+
+    solution = ("class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
+                "        return True\n    def __bool__(self):\n        return True\n\n"
+                "def get(box):\n    return box.v\n\ndef make():\n    return Box(0)\n")
+    good = run_tests(solution, "b = Box(3)\nb.v = 4\nassert get(b) == 4 and b.v == 4\nassert make() is not None\n",
+                     ["Box", "get", "make"])
+    assert good.passed and good.verdict == "split-process", good.stderr
+    for test in ("assert make() == 1\n", "assert make()\n", "assert make() == make()\n", "assert not make() != 5\n"):
+        res = run_tests(solution, test, ["Box", "get", "make"])
+        assert res.status == "failed", (test, res)

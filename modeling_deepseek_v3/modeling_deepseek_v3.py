@@ -92,6 +92,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         else:  # nn.Linear (normal, zero bias), nn.Embedding (normal), RMSNorm (ones)
             super()._init_weights(module)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after refusing a local FP8 checkpoint in which a float8 tensor has no
+        `weight_scale_inv` (transformers would load its raw e4m3 values as weights on CPU)."""
+        from .kernels.fp8_checkpoint import check_fp8_checkpoint_before_load
+
+        check_fp8_checkpoint_before_load(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def _ignore_layers_beyond_mtp(self):
         """A checkpoint may hold more MTP layers than this config uses (e.g. num_nextn_predict_layers=0)."""
         first_unused = self.config.num_hidden_layers + self.config.num_nextn_predict_layers

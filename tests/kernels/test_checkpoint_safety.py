@@ -4,6 +4,7 @@ weights is refused with an error naming the file; conversions are atomic."""
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -122,10 +123,9 @@ def test_load_guard_refuses_a_missing_scale(checkpoints, tmp_path):
     check_fp8_checkpoint_before_load("deepseek-ai/DeepSeek-V3")  # hub id: left to transformers
 
 
-@pytest.mark.xfail(strict=True, reason="needs DeepseekV3PreTrainedModel.from_pretrained to call "
-                   "kernels.fp8_checkpoint.check_fp8_checkpoint_before_load (modeling file, owned by the lead); "
-                   "remove this marker when it does")
 def test_from_pretrained_refuses_an_fp8_checkpoint_without_a_scale(checkpoints, tmp_path):
     broken = _drop_scale(checkpoints / "fp8", tmp_path / "broken", "model.layers.0.self_attn.q_a_proj.weight")
     with pytest.raises(CheckpointError, match="q_a_proj.weight"):
         deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(broken)
+    with pytest.raises(CheckpointError, match="q_a_proj.weight"):
+        AutoModelForCausalLM.from_pretrained(broken)

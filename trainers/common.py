@@ -124,5 +124,10 @@ def run_training(script_arguments_class, training_config_class, build_trainer, a
     trainer = build_trainer(script_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if getattr(script_args, "use_peft", False) and trainer.is_world_process_zero():
+        from .lora import save_lora_outputs  # adapter saved above; now lora_targets.json + merged/
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_lora_outputs(model, training_args.output_dir, trainer.processing_class, fp8=script_args.load_in_fp8)
     return trainer
 

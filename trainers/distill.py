@@ -22,11 +22,12 @@ from .common import (
     run_training,
     training_callbacks,
 )
+from .lora import LoraArguments, maybe_apply_lora
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
 
 
 @dataclass
-class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
+class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments, LoraArguments):
     teacher_name_or_path: str = field(default="tiny", metadata={"help": "checkpoint / hub id of the teacher"})
     num_samples_per_prompt: int = 1
     max_new_tokens: int = 512
@@ -136,6 +137,7 @@ def build_distill_trainer(script_args: DistillScriptArguments, training_args):
     traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
     generate_traces(script_args, traces_file)
     student, tokenizer = load_model_and_tokenizer(script_args)
+    student = maybe_apply_lora(student, script_args, tokenizer, training_args.output_dir)
     return _sft_trainer_class()(
         model=student,
         args=training_args,

@@ -16,11 +16,12 @@ from .common import (
     run_training,
     training_callbacks,
 )
+from .lora import LoraArguments, maybe_apply_lora
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
 
 
 @dataclass
-class GRPOScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
+class GRPOScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments, LoraArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["gsm8k_accuracy", "format"],
         metadata={"help": "names from deepseek_v3.trainers.rewards.REWARD_FUNCS"},
@@ -38,6 +39,7 @@ def build_grpo_trainer(script_args: GRPOScriptArguments, training_args, callback
     from trl import GRPOTrainer
 
     model, tokenizer = load_model_and_tokenizer(script_args)
+    model = maybe_apply_lora(model, script_args, tokenizer, training_args.output_dir)
     return GRPOTrainer(
         model=model,
         reward_funcs=get_reward_funcs(script_args.reward_funcs),

@@ -1,7 +1,7 @@
 """LoRA for the train scripts (`--use_peft true`), with peft's `get_peft_model` / `PeftModel.from_pretrained`.
 
-Flags (TRL `ModelConfig` names): `use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`, plus
-`lora_preset` and `load_in_fp8`. Presets (what gets an adapter):
+Flags (TRL `ModelConfig` names): `use_peft`, `lora_r`, `lora_alpha`, `lora_dropout` (default 0: peft's adapters on
+the fused routed experts require it), `lora_target_modules`, plus `lora_preset` and `load_in_fp8`. Presets (what gets an adapter):
 
 - `attention`: the MLA projections `q_a_proj`, `q_b_proj` (or `q_proj` when `q_lora_rank` is null),
   `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`;
@@ -50,7 +50,9 @@ class LoraArguments:
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the LoRA input (must be 0 when the routed experts are targeted)"}
+    )
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "module leaf names replacing the preset's modules, or all-linear; never the router"},
@@ -119,6 +121,11 @@ def resolve_targets(model: nn.Module, args: LoraArguments) -> tuple[list[str], l
                 parameters += [f"{name}.{p}" for p in EXPERT_PARAMETERS]
     if wanted and leaves and not any(name.rsplit(".", 1)[-1] in leaves for name in modules):
         raise ValueError(f"lora_target_modules={wanted} matches no linear layer of {type(model).__name__}")
+    if parameters and args.lora_dropout:
+        raise ValueError(
+            f"lora_dropout={args.lora_dropout}: peft's adapters on the fused routed experts (target_parameters) "
+            "need lora_dropout=0; pass --lora_dropout 0 or --lora_preset attention"
+        )
     if not modules and not parameters:
         raise ValueError(f"lora_preset={args.lora_preset!r} / lora_target_modules={wanted} selects nothing to adapt")
     return modules, parameters

@@ -10,7 +10,7 @@ import importlib
 SCRIPTS = {
     "sft": ("deepseek_v3.trainers.sft", "supervised fine-tuning (TRL SFTTrainer)"),
     "grpo": ("deepseek_v3.trainers.grpo", "R1-style GRPO with rule rewards (TRL GRPOTrainer)"),
-    "distill": ("deepseek_v3.trainers.distill", "teacher traces + rejection sampling + SFT of a student"),
+    "distill": ("deepseek_v3.trainers.distill", "--mode trace: teacher traces + rejection sampling + SFT; --mode logits: TRL DistillationTrainer"),
 }
 
 

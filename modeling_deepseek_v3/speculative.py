@@ -36,8 +36,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.masking_utils import create_causal_mask
-
+from ._compat import create_causal_mask
 from .attention import attention_bias
 
 logger = logging.getLogger(__name__)
@@ -157,19 +156,17 @@ class MTPSpeculativeDecoder:
         lm_head; also the hidden state a chained draft step starts from)."""
         embeds = self.model.model.embed_tokens(next_ids)
         position_embeddings = self.model.model.rotary_emb(embeds, positions)
-        out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d,
-                          past_key_values=cache)  # fmt: skip
+        out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d, cache=cache)
         return out
 
     def target(self, ids, mask2d, positions, cache):
         """Main model -> (normed hidden [B, S, D], logits [B, S, V], the 4D mask of this step for the MTP block)."""
         embeds = self.model.model.embed_tokens(ids)
         mask4d = create_causal_mask(
-            config=self.config, inputs_embeds=embeds, attention_mask=mask2d, past_key_values=cache,
-            position_ids=positions,
+            config=self.config, inputs_embeds=embeds, attention_mask=mask2d, cache=cache, position_ids=positions,
         )  # fmt: skip
         out = self.model.model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=positions,
-                               past_key_values=cache, use_cache=True)  # 4D mask: used as is  # fmt: skip
+                               cache=cache, use_cache=True)  # 4D mask: used as is  # fmt: skip
         hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden), mask4d
 

@@ -108,7 +108,7 @@ def _trainer_class():
     from transformers import TrainerCallback
     from trl import DistillationTrainer
 
-    from deepseek_v3.modeling_deepseek_v3 import shift_labels_for_mtp
+    from deepseek_v3.loss import mtp_depth_loss
 
     class HeldOutKLCallback(TrainerCallback):
         def __init__(self, trainer):
@@ -187,8 +187,7 @@ def _trainer_class():
             labels = input_ids.masked_fill(attention_mask == 0, -100)
             labels[:, : input_ids.shape[1] - logits_to_keep] = -100  # completion tokens only
             depth_losses = [
-                inner.loss_function(logits=inner.lm_head(h), labels=shift_labels_for_mtp(labels, k),
-                                    vocab_size=config.vocab_size)
+                mtp_depth_loss(inner.loss_function, inner.lm_head(h), labels, k, config.vocab_size)
                 for k, h in enumerate(outputs.mtp_hidden_states, start=1)
             ]
             mtp_loss = torch.stack(depth_losses).mean()

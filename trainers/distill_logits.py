@@ -75,7 +75,7 @@ def _inner(model):
 
 
 @torch.no_grad()
-def heldout_kl(teacher, student, tokenizer, rows, max_length: int = 256, batch_size: int = 8) -> float:
+def heldout_kl(teacher, student, tokenizer, rows, max_length: int = 1024, batch_size: int = 8) -> float:
     """Mean per-token KL(teacher || student) over the reference completions of `rows` (teacher-forced)."""
     was_training = student.training
     student.eval()
@@ -88,9 +88,8 @@ def heldout_kl(teacher, student, tokenizer, rows, max_length: int = 256, batch_s
         for prompt, row in zip(prompts, batch):
             p = tokenizer(prompt, add_special_tokens=False).input_ids
             c = tokenizer(row["completion_text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            seq = (p + c)[:max_length]
-            ids.append(seq)
-            masks.append([0] * len(p) + [1] * (len(seq) - len(p)))
+            ids.append((p + c)[:max_length])
+            masks.append(([0] * len(p) + [1] * len(c))[:max_length])
         width = max(map(len, ids))
         input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids], device=device)
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
@@ -147,8 +146,7 @@ def _trainer_class():
         def heldout_kl(self) -> float:
             student = self.accelerator.unwrap_model(self.model)
             teacher = self.accelerator.unwrap_model(self.teacher_model)
-            return heldout_kl(teacher, student, self.processing_class, self.heldout_rows,
-                              max_length=self.args.max_completion_length + 256)
+            return heldout_kl(teacher, student, self.processing_class, self.heldout_rows)
 
         # -- on-policy fraction -------------------------------------------------------------------------------
         def _generate_and_score_completions(self, inputs):

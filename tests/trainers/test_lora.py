@@ -149,3 +149,27 @@ def test_lora_over_fp8_base(tmp_path):
         got = reloaded(input_ids=x).logits
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 0.08  # requantized (the adapter's delta is rounded to e4m3 on the merged weight)
+
+
+def test_fp8_base_keeps_the_checkpoint_codes(tmp_path):
+    """From an FP8 checkpoint the frozen base holds the published e4m3 codes and scales, not a requantization."""
+    from safetensors import safe_open
+
+    from deepseek_v3.kernels.fp8_checkpoint import save_pretrained_fp8
+
+    fp8_dir = tmp_path / "fp8"
+    save_pretrained_fp8(tiny(), fp8_dir)
+    loaded = deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(fp8_dir, dtype=torch.float32)
+    model = apply_lora(loaded, LoraArguments(use_peft=True, lora_r=2, lora_preset="attention", load_in_fp8=True))
+    inner = model.base_model.model.model
+    with safe_open(str(fp8_dir / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight")
+        s = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
+        up = f.get_tensor("model.layers.2.mlp.experts.5.up_proj.weight")
+        up_s = f.get_tensor("model.layers.2.mlp.experts.5.up_proj.weight_scale_inv")
+    kv_b = inner.layers[1].self_attn.kv_b_proj.base_layer
+    assert torch.equal(kv_b.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(kv_b.weight_scale_inv, s)
+    experts = inner.layers[2].mlp.experts
+    I = experts.intermediate_size
+    assert torch.equal(experts.gate_up_proj[5, I:].view(torch.uint8), up.view(torch.uint8))
+    assert torch.equal(experts.gate_up_proj_scale_inv[5, 1:], up_s)

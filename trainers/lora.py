@@ -10,6 +10,9 @@ the fused routed experts require it), `lora_target_modules`, plus `lora_preset` 
   (`gate_proj`, `up_proj`, `down_proj`) as ordinary LoRA modules;
 - `all` (default): both.
 
+`lora_modules_to_save` (TRL's name) trains whole modules next to the adapters and saves them with it, e.g.
+`lm_head` when the output distribution must change more than low-rank updates of a small model allow.
+
 `lora_target_modules` replaces the preset's module list (leaf names such as `o_proj`, or `all-linear`: every
 `nn.Linear` of the decoder and MTP layers, plus the routed experts). The router (`mlp.gate`) never gets an adapter
 and the MTP `eh_proj` only with `lora_target_eh_proj`. Targets are written to the adapter as full module names.
@@ -56,6 +59,10 @@ class LoraArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "module leaf names replacing the preset's modules, or all-linear; never the router"},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "modules trained in full and saved with the adapter (e.g. lm_head); the routers always are"},
     )
     lora_preset: str = field(default="all", metadata={"help": "attention, experts or all"})
     lora_target_eh_proj: bool = field(default=False, metadata={"help": "also adapt the MTP eh_proj"})
@@ -141,7 +148,8 @@ def lora_config(model: nn.Module, args: LoraArguments):
         lora_dropout=args.lora_dropout,
         target_modules=modules or None,
         target_parameters=parameters or None,
-        modules_to_save=[ROUTER_MODULE],  # the routers' e_score_correction_bias (moved by balancing) goes along
+        # the routers' e_score_correction_bias (moved by balancing) goes along, weights frozen
+        modules_to_save=[ROUTER_MODULE] + [m for m in (args.lora_modules_to_save or []) if m != ROUTER_MODULE],
         task_type="CAUSAL_LM",
     )
 
@@ -195,7 +203,7 @@ def apply_lora(model, args: LoraArguments, tokenizer=None, output_dir: str | Non
             load_fp8_codes(model, model.name_or_path)  # the published codes, not a re-quantization
     peft_model = get_peft_model(model, lora_config(model, args))
     for name, param in peft_model.named_parameters():
-        if ".modules_to_save." in name:
+        if ".mlp.gate.modules_to_save." in name:
             param.requires_grad_(False)  # router weights stay frozen; only their balancing bias moves
     expose_expert_weights(peft_model)
     peft_model._lora_targets = wrapped_modules(peft_model)

@@ -55,11 +55,13 @@ def attention_bias(attention_mask: torch.Tensor | None, batch: int, query_len: i
     """The layer's mask as an additive float bias [B, 1, S, T] (0 = attend, very negative = masked), or None.
 
     `attention_mask` is what `create_causal_mask` produced: a 4D float bias (eager), a 4D bool mask (sdpa: True =
-    attend) or None (sdpa skipped it: plain causal, bottom-right aligned since the queries are the last S keys)."""
+    attend) or None, where transformers relies on sdpa's `is_causal` semantics: no mask for a single query, else
+    causal aligned top-left (the mask is only skipped when the S queries are the first S keys: no cache, or the
+    prefill of an empty static cache whose T > S slots are still empty)."""
     if attention_mask is None:
         if query_len == 1:
             return None
-        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - query_len)
+        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril()
         attention_mask = causal[None, None]
     attention_mask = attention_mask[..., :kv_len]
     if attention_mask.dtype == torch.bool:

@@ -96,9 +96,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         """A checkpoint may hold more MTP layers than this config uses (e.g. num_nextn_predict_layers=0)."""
         first_unused = self.config.num_hidden_layers + self.config.num_nextn_predict_layers
         unused = "|".join(str(i) for i in range(first_unused, first_unused + 8))
-        self._keys_to_ignore_on_load_unexpected = list(self._keys_to_ignore_on_load_unexpected) + [
-            rf"model\.layers\.({unused})\."
-        ]
+        patterns = set(self._keys_to_ignore_on_load_unexpected or ()) | {rf"model\.layers\.({unused})\."}
+        self._keys_to_ignore_on_load_unexpected = patterns
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):

@@ -143,6 +143,14 @@ def sequence_balance_loss(
     return (fractions * probs).sum(dim=-1).mean()
 
 
+EXPERTS_ON_META = (
+    "The routed experts' weights are still on the meta device: checkpoints store them per expert "
+    "(`mlp.experts.{e}.gate_proj/up_proj/down_proj`) and only `from_pretrained` fuses them into "
+    "`experts.gate_up_proj` / `experts.down_proj`. Load with `from_pretrained(path, device_map=...)` "
+    "instead of `init_empty_weights()` + `load_checkpoint_and_dispatch`."
+)
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, in] (rows sorted by expert, group g ends at offsets[g]) times weight[g]^T ([E, out, in]) -> [M, out]."""
     out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -176,6 +184,14 @@ class DeepseekV3Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
+
+    def _apply(self, fn, recurse=True):
+        try:
+            return super()._apply(fn, recurse)
+        except NotImplementedError as error:  # "Cannot copy out of meta tensor" (e.g. accelerate's dispatch)
+            if self.gate_up_proj.is_meta or self.down_proj.is_meta:
+                raise RuntimeError(EXPERTS_ON_META) from error
+            raise
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain `load_state_dict` of what `save_pretrained` wrote (the per-expert layout, e.g. Trainer's
@@ -248,12 +264,7 @@ class DeepseekV3MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         if self.experts.gate_up_proj.is_meta:
-            raise RuntimeError(
-                "The routed experts' weights are still on the meta device: the checkpoint stores them per expert "
-                "(`mlp.experts.{e}.gate_proj/up_proj/down_proj`) and only `from_pretrained` fuses them into "
-                "`experts.gate_up_proj` / `experts.down_proj`. Load with `from_pretrained(path, device_map=...)` "
-                "instead of `init_empty_weights()` + `load_checkpoint_and_dispatch`."
-            )
+            raise RuntimeError(EXPERTS_ON_META)
         batch, seq, dim = hidden_states.shape
         flat = hidden_states.reshape(-1, dim)
         routing = self.gate(flat, batch_size=batch)

@@ -114,8 +114,14 @@ class MTPSpeculativeDecoder:
             "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_return_sequences": 1,
         }  # fmt: skip
         used = [k for k, default in unsupported.items() if getattr(generation_config, k, None) not in (None, default)]
+        used += [k for k in ("output_attentions", "output_hidden_states") if getattr(generation_config, k, False)]
         if used:
             raise ValueError(f"use_mtp=True does not support the generation options {used}")
+        # `output_scores` / `output_logits` with `return_dict_in_generate`: per generated token, the main model's
+        # processed scores / raw logits at the slot that emitted it (as transformers' assisted decoding returns them)
+        self.keep_logits = bool(generation_config.return_dict_in_generate) and bool(
+            generation_config.output_scores or generation_config.output_logits
+        )
         self.model = model
         self.config = model.config
         self.mtp = model.model.mtp_layers[0]
@@ -251,6 +257,10 @@ class MTPSpeculativeDecoder:
         # out: emitted tokens; the last column collects writes of finished rows and is never returned
         out = torch.full((batch, max_new + k + 2), self.pad, dtype=torch.long, device=device)
         out[:, 0] = first
+        emitted_logits = None  # [B, max_new + k + 2, V] raw logits of each emitted token (when asked for)
+        if self.keep_logits:
+            emitted_logits = logits.new_zeros(batch, out.shape[1], logits.shape[-1], dtype=torch.float32)
+            emitted_logits[:, 0] = logits[:, -1]
         n_out = torch.ones(batch, dtype=torch.long, device=device)
         done = torch.isin(first, eos) | (n_out >= max_new)
         if device.type == "cuda":
@@ -272,7 +282,10 @@ class MTPSpeculativeDecoder:
             is_eos = torch.isin(emitted, eos) & (slots <= accepted[:, None])
             n_emit = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, accepted + 1)  # [B]
             write = active[:, None] & (slots < n_emit[:, None])
-            out.scatter_(1, torch.where(write, n_out[:, None] + slots, out.shape[1] - 1), emitted)
+            columns = torch.where(write, n_out[:, None] + slots, out.shape[1] - 1)
+            out.scatter_(1, columns, emitted)
+            if emitted_logits is not None:
+                emitted_logits.scatter_(1, columns[..., None].expand(-1, -1, logits.shape[-1]), logits.float())
             n_out = n_out + torch.where(active, n_emit, 0)
             done = done | (active & is_eos.any(-1)) | (n_out >= max_new)
 
@@ -305,7 +318,11 @@ class MTPSpeculativeDecoder:
         self.stats.row_forwards, self.stats.drafted, self.stats.accepted, self.stats.emitted = values[:4]
         self.stats.accepted_prefixes = values[4:]
         self.cache, self.attention_mask = cache, mask2d  # kept for inspection (tests check the rollback)
-        return self.finish(input_ids, out, n_out, max_new)
+        sequences = self.finish(input_ids, out, n_out, max_new)
+        self.emitted_logits = None
+        if emitted_logits is not None:
+            self.emitted_logits = emitted_logits[:, : sequences.shape[1] - prompt_len]
+        return sequences
 
     def finish(self, input_ids, out, n_out, max_new):
         """Rows cut at max_new tokens and after their first EOS, padded to the longest row (as `generate` does)."""
@@ -342,8 +359,17 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
         stats.draft_tokens, stats.acceptance_rate, stats.mean_accepted_tokens, stats.target_forwards,
     )  # fmt: skip
     if generation_config.return_dict_in_generate:
+        scores = logits = None
+        if decoder.emitted_logits is not None:
+            raw = decoder.emitted_logits.unbind(1)  # per generated position: [B, V]
+            if generation_config.output_logits:
+                logits = raw
+            if generation_config.output_scores:
+                scores = tuple(decoder.warpers(None, x) if len(decoder.warpers) else x for x in raw)
         return SpeculativeGenerateOutput(
             sequences=sequences,
+            scores=scores,
+            logits=logits,
             acceptance_rate=stats.acceptance_rate,
             mean_accepted_tokens=stats.mean_accepted_tokens,
             target_forwards=stats.target_forwards,

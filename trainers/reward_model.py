@@ -74,7 +74,7 @@ def load_reward_models(paths: list[str]) -> tuple[list, list]:
 
     models, tokenizers = [], []
     for path in paths:
-        model = _load_sequence_classifier(path).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has num_labels={model.config.num_labels}; a reward model has 1")
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -83,31 +83,6 @@ def load_reward_models(paths: list[str]) -> tuple[list, list]:
         models.append(model)
         tokenizers.append(tokenizer)
     return models, tokenizers
-
-
-def _load_sequence_classifier(path: str):
-    """`AutoModelForSequenceClassification.from_pretrained(path)`; for our own model type the checkpoint is read
-    into a freshly built `DeepseekV3ForSequenceClassification` instead, because its `from_pretrained` currently fails
-    in transformers 5.24 (`_keys_to_ignore_on_load_unexpected` is a list, transformers unions it with a set)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    import deepseek_v3
-
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "deepseek_v3":
-        return AutoModelForSequenceClassification.from_pretrained(path)
-    import glob
-
-    from safetensors.torch import load_file
-
-    model = deepseek_v3.DeepseekV3ForSequenceClassification(config)
-    state = {}
-    for file in sorted(glob.glob(f"{path}/*.safetensors")):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise KeyError(f"reward model {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return model
 
 
 def build_reward_trainer(script_args: RewardScriptArguments, training_args):

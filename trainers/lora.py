@@ -13,8 +13,8 @@ the fused routed experts require it), `lora_target_modules`, plus `lora_preset` 
 `lora_modules_to_save` (TRL's name) trains whole modules next to the adapters and saves them with it, e.g.
 `lm_head` when the output distribution must change more than low-rank updates of a small model allow.
 
-`lora_target_modules` replaces the preset's module list (leaf names such as `o_proj`, or `all-linear`: every
-`nn.Linear` of the decoder and MTP layers, plus the routed experts). The router (`mlp.gate`) never gets an adapter
+`lora_target_modules` replaces the preset's module list (leaf names such as `o_proj`; `experts` for the fused
+routed experts; or `all-linear`: every `nn.Linear` of the decoder and MTP layers, plus the routed experts). The router (`mlp.gate`) never gets an adapter
 and the MTP `eh_proj` only with `lora_target_eh_proj`. Targets are written to the adapter as full module names.
 
 Non-LoRA state: the aux-loss-free balancing callback moves each router's `e_score_correction_bias` during the
@@ -94,9 +94,10 @@ def resolve_targets(model: nn.Module, args: LoraArguments) -> tuple[list[str], l
             raise ValueError(f"lora_target_modules={wanted}: the router (mlp.gate) never gets an adapter")
         if ALL_LINEAR in wanted:
             leaves, routed = None, True
-        else:
-            leaves = set(wanted) - set(EXPERT_PARAMETERS)
-            routed = bool(set(wanted) & set(EXPERT_PARAMETERS))
+        else:  # `experts` (or `experts.gate_up_proj` / `experts.down_proj`) names the fused routed experts
+            expert_names = {"experts"} | {f"experts.{p}" for p in EXPERT_PARAMETERS}
+            leaves = set(wanted) - expert_names
+            routed = bool(set(wanted) & expert_names)
     else:
         leaves = set()
         if args.lora_preset in ("attention", "all"):

@@ -45,6 +45,10 @@ def test_presets_target_shared_experts_dense_mlp_never_router():
     assert not any(n.endswith("mlp.gate") or "eh_proj" in n or "lm_head" in n for n in everything)
     with_eh, _ = resolve_targets(model, LoraArguments(lora_preset="all", lora_target_eh_proj=True))
     assert set(with_eh) - set(everything) == {"model.layers.3.eh_proj"}
+    dense_only, none = resolve_targets(model, LoraArguments(lora_target_modules=["gate_proj", "up_proj", "down_proj"]))
+    assert none == [] and "model.layers.1.mlp.shared_experts.down_proj" in dense_only  # `down_proj`: modules only
+    _, routed = resolve_targets(model, LoraArguments(lora_target_modules=["o_proj", "experts"]))
+    assert routed == experts_p
     with pytest.raises(ValueError, match="router"):
         resolve_targets(model, LoraArguments(lora_target_modules=["gate"]))
     with pytest.raises(ValueError, match="lora_preset"):

@@ -15,7 +15,8 @@ loads as such, `--teacher_load_in_fp8 true` keeps its weights in e4m3 + 128x128 
   configured), so distillation keeps the MTP head trained for speculative decoding; logged as `mtp_loss`;
 - **held-out KL**: `heldout_samples` rows after the training rows are kept out of training; KL(teacher || student)
   per completion token on them (teacher-forced on the reference completions, temperature 1) is logged as
-  `distill/heldout_kl` when training starts and ends (and every `heldout_every` steps).
+  `distill/heldout_kl` when training starts and ends (and every `heldout_every` steps), and written to
+  `output_dir/heldout_kl.json`.
 
 The aux-loss-free balancing callback runs as in the other scripts (only the student's training forwards count).
 """
@@ -112,10 +113,12 @@ def _trainer_class():
     class HeldOutKLCallback(TrainerCallback):
         def __init__(self, trainer):
             self.trainer = trainer
+            self.history = []
 
         def _log(self, state):
             kl = self.trainer.heldout_kl()
             self.trainer.log({"distill/heldout_kl": kl})
+            self.history.append({"step": state.global_step, "heldout_kl": kl})
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._log(state)
@@ -127,6 +130,13 @@ def _trainer_class():
 
         def on_train_end(self, args, state, control, **kwargs):
             self._log(state)
+            if state.is_world_process_zero and args.output_dir:
+                import json
+                import os
+
+                os.makedirs(args.output_dir, exist_ok=True)
+                with open(os.path.join(args.output_dir, "heldout_kl.json"), "w") as f:
+                    json.dump(self.history, f, indent=2)
 
     class DeepseekV3DistillationTrainer(DistillationTrainer):
         """TRL `DistillationTrainer` + on-policy fraction `lmbda`, the student's MTP loss, held-out KL."""

@@ -45,6 +45,9 @@ def test_logit_distillation_runs_with_mtp_loss_and_heldout_kl(tmp_path):
     torch.manual_seed(1)
     teacher_dir = tmp_path / "teacher"
     deepseek_v3.DeepseekV3ForCausalLM(deepseek_v3.load_config("tiny")).save_pretrained(teacher_dir)
+    from deepseek_v3.tokenizer import byte_level_tokenizer
+
+    byte_level_tokenizer().save_pretrained(teacher_dir)
     data = synthetic.write_addition_dataset(str(tmp_path / "add.jsonl"), n=24)
     from deepseek_v3.trainers.distill import main
 

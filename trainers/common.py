@@ -186,5 +186,10 @@ def run_training(script_arguments_class, training_config_class, build_trainer, a
     check_engine(trainer)
     trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, training_args.output_dir)  # full weights also from FSDP's sharded state dict
+    if getattr(script_args, "use_peft", False) and trainer.is_world_process_zero():
+        from .lora import save_lora_outputs  # adapter saved above; now lora_targets.json + merged/
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_lora_outputs(model, training_args.output_dir, trainer.processing_class, fp8=script_args.load_in_fp8)
     return trainer
 

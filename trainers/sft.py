@@ -20,12 +20,13 @@ from .common import (
     run_training,
     training_callbacks,
 )
+from .lora import LoraArguments, maybe_apply_lora
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
 @dataclass
-class SFTScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
+class SFTScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments, LoraArguments):
     pass
 
 
@@ -95,6 +96,7 @@ def build_sft_dataset(args: DataArguments):
 
 def build_sft_trainer(script_args: SFTScriptArguments, training_args, callbacks=None):
     model, tokenizer = load_model_and_tokenizer(script_args)
+    model = maybe_apply_lora(model, script_args, tokenizer, training_args.output_dir)
     return _sft_trainer_class()(
         model=model,
         args=training_args,

@@ -206,25 +206,8 @@ def apply_lora(model, args: LoraArguments, tokenizer=None, output_dir: str | Non
     for name, param in peft_model.named_parameters():
         if ".mlp.gate.modules_to_save." in name:
             param.requires_grad_(False)  # router weights stay frozen; only their balancing bias moves
-    expose_expert_weights(peft_model)
     peft_model._lora_targets = wrapped_modules(peft_model)
     return peft_model
-
-
-def expose_expert_weights(peft_model) -> None:
-    """`DeepseekV3MoE.forward` reads `self.experts.gate_up_proj` (its meta-device check); with adapters on the routed
-    experts `self.experts` is peft's `ParamWrapper`, which does not forward attributes to the wrapped module. Give
-    each wrapper a plain (unregistered: not a parameter, not in the state dict) reference to the wrapped module's
-    weight tensors so the check sees them. Call it after `PeftModel.from_pretrained` too (until that check looks
-    through adapter wrappers)."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    for module in peft_model.modules():
-        if isinstance(module, ParamWrapper):
-            base = module.get_base_layer()
-            for name in EXPERT_PARAMETERS:
-                if name not in module.__dict__ and isinstance(getattr(base, name, None), torch.Tensor):
-                    object.__setattr__(module, name, getattr(base, name))
 
 
 def maybe_apply_lora(model, args, tokenizer=None, output_dir: str | None = None):
@@ -271,5 +254,4 @@ __all__ = [
     "maybe_apply_lora",
     "wrapped_modules",
     "save_lora_outputs",
-    "expose_expert_weights",
 ]

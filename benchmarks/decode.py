@@ -97,14 +97,14 @@ def time_plain_decode(model, prompt: torch.Tensor, new_tokens: int, **forward_kw
     cache = DynamicCache(config=model.config)
     synchronize(prompt.device)
     start = time.perf_counter()
-    out = model(prompt, past_key_values=cache, use_cache=True, **forward_kwargs)
+    out = model(prompt, cache=cache, use_cache=True, **forward_kwargs)
     token = out.logits[:, -1:].argmax(-1)
     synchronize(prompt.device)
     prefill = time.perf_counter() - start
     tokens = [token]
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True, **forward_kwargs)
+        out = model(token, cache=cache, use_cache=True, **forward_kwargs)
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(token)
     synchronize(prompt.device)

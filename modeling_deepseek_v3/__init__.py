@@ -5,7 +5,13 @@ transformers' built-in classes), so `AutoModelForCausalLM.from_pretrained(<DeepS
 `DeepseekV3ForCausalLM` from this package, MTP layer included.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .checkpoint import register_conversions
 from .configuration_deepseek_v3 import DeepseekV3Config
@@ -13,6 +19,8 @@ from .configs import available_configs, load_config
 from .modeling_deepseek_v3 import (
     DeepseekV3CausalLMOutputWithPast,
     DeepseekV3ForCausalLM,
+    DeepseekV3ForSequenceClassification,
+    DeepseekV3ForTokenClassification,
     DeepseekV3Model,
     DeepseekV3ModelOutput,
     DeepseekV3PreTrainedModel,
@@ -23,12 +31,16 @@ __version__ = "0.1.0"
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
 register_conversions()
 
 __all__ = [
     "DeepseekV3Config",
     "DeepseekV3Model",
     "DeepseekV3ForCausalLM",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DeepseekV3PreTrainedModel",
     "DeepseekV3ModelOutput",
     "DeepseekV3CausalLMOutputWithPast",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ._compat import resolve_cache
 from .layers import DeepseekV3RMSNorm
 from .rope import apply_rotary_emb, softmax_scale
 
@@ -54,11 +55,13 @@ def attention_bias(attention_mask: torch.Tensor | None, batch: int, query_len: i
     """The layer's mask as an additive float bias [B, 1, S, T] (0 = attend, very negative = masked), or None.
 
     `attention_mask` is what `create_causal_mask` produced: a 4D float bias (eager), a 4D bool mask (sdpa: True =
-    attend) or None (sdpa skipped it: plain causal, bottom-right aligned since the queries are the last S keys)."""
+    attend) or None, where transformers relies on sdpa's `is_causal` semantics: no mask for a single query, else
+    causal aligned top-left (the mask is only skipped when the S queries are the first S keys: no cache, or the
+    prefill of an empty static cache whose T > S slots are still empty)."""
     if attention_mask is None:
         if query_len == 1:
             return None
-        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - query_len)
+        causal = torch.ones(query_len, kv_len, dtype=torch.bool, device=device).tril()
         attention_mask = causal[None, None]
     attention_mask = attention_mask[..., :kv_len]
     if attention_mask.dtype == torch.bool:
@@ -111,21 +114,23 @@ class DeepseekV3Attention(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            # eps 1e-6 whatever `rms_norm_eps` says, as DeepSeek's reference and transformers' built-in class
+            self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
         )
-        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
         # Kernel for the absorbed decode attention: "auto" = Triton on CUDA, torch elsewhere (see kernels/mla_decode.py).
         self.decode_backend = "auto"
 
-    def use_absorption(self, query_len: int, past_len: int, mode: str | bool | None = None) -> bool:
+    def use_absorption(self, query_len: int, past_len: int | None, mode: str | bool | None = None) -> bool:
         """Whether this call takes the absorbed path. `mode` (kwarg `mla_absorb`, else `config.mla_absorb`):
         "on"/True forces it, "off"/False forbids it, "auto" absorbs at inference when a cache already holds tokens
-        and the query is short enough that attending over the latent is cheaper than re-expanding the cache:
+        (`past_len` None: unknown while compiling, where only the query length decides) and the query is short
+        enough that attending over the latent is cheaper than re-expanding the cache:
         S * T * H * (2r + dr) < T * H * r * (dn + dv) + S * T * H * (dn + dr + dv), i.e. S * (2r - dn - dv) < r * (dn + dv)."""
         if mode is None:
             mode = getattr(self.config, "mla_absorb", "auto")
@@ -207,9 +212,15 @@ class DeepseekV3Attention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, S, hidden] -> (output [B, S, hidden], attention probabilities [B, H, S, T] or None).
+
+        `cache` (`past_key_values` is accepted too) receives this layer's latent and rope key. The probabilities come
+        back when the attention implementation returns them (eager) and `output_attentions=True`: such calls take
+        the expanded path, whose probabilities are the ones over the cached positions the absorbed path would use."""
+        cache = resolve_cache(cache, kwargs)
         batch, seq = hidden_states.shape[:2]
         cos, sin = position_embeddings
         interleave = self.config.rope_interleave
@@ -221,11 +232,15 @@ class DeepseekV3Attention(nn.Module):
         k_pe = apply_rotary_emb(k_pe, cos, sin, interleave)
 
         absorb_mode = kwargs.pop("mla_absorb", None)
+        if kwargs.get("output_attentions"):
+            absorb_mode = "off"
         past_len = 0
-        if past_key_values is not None:  # the cache holds the latent and the rotated rope key only
-            if self.layer_idx < len(past_key_values.layers):
-                past_len = past_key_values.layers[self.layer_idx].get_seq_length()
-            c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
+        if cache is not None:  # the cache holds the latent and the rotated rope key only
+            if torch.compiler.is_compiling():
+                past_len = None  # a static cache's fill level is data, not a Python int, inside a graph
+            elif self.layer_idx < len(cache.layers):
+                past_len = cache.layers[self.layer_idx].get_seq_length()
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
 
         if self.use_absorption(seq, past_len, absorb_mode):
             return self.o_proj(self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask)), None
@@ -246,4 +261,4 @@ class DeepseekV3Attention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch, seq, self.num_heads * self.v_head_dim)
-        return self.o_proj(attn_output), attn_weights
+        return self.o_proj(attn_output), (attn_weights if kwargs.get("output_attentions") else None)

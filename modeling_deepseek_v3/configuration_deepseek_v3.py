@@ -6,8 +6,16 @@ transformers' built-in DeepseekV3 (`rope_parameters`, `rope_interleave`, `num_mt
 """
 
 
+import math
+
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import logging
+
+from .rope import supported_rope_types
+
+logger = logging.get_logger(__name__)
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -27,8 +35,8 @@ class DeepseekV3Config(PreTrainedConfig):
             use experts of its `topk_group` best groups (a group's score is the sum of its top-2 expert scores).
         scoring_func ("sigmoid" or "softmax"), topk_method ("noaux_tc" for V3's bias-corrected selection,
             "group_limited_greedy" / "greedy" for V2-style routing), norm_topk_prob, routed_scaling_factor.
-        first_k_dense_replace / moe_layer_freq: the first `first_k_dense_replace` layers use a dense MLP, after
-            that every `moe_layer_freq`-th layer is MoE.
+        first_k_dense_replace: the first `first_k_dense_replace` layers use a dense MLP, all later ones are MoE
+            (`moe_layer_freq` is kept from the published config but, as in DeepSeek's reference, not read).
         num_nextn_predict_layers: number of Multi-Token Prediction modules (stored as extra layers after
             `num_hidden_layers`).
 
@@ -141,18 +149,25 @@ class DeepseekV3Config(PreTrainedConfig):
         return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether decoder layer `layer_idx` uses DeepSeekMoE (MTP layers use the rule of the last layer index)."""
-        return (
-            self.n_routed_experts is not None
-            and layer_idx >= self.first_k_dense_replace
-            and layer_idx % self.moe_layer_freq == 0
-        )
+        """Whether decoder layer `layer_idx` uses DeepSeekMoE (MTP layers use the rule of the last layer index):
+        every layer from `first_k_dense_replace` on, as DeepSeek's reference and transformers' built-in class
+        (`moe_layer_freq` is not read; see `validate_architecture`)."""
+        return self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
 
     def validate_architecture(self):
-        """Raise a `ValueError` naming the key, its value and the constraint it breaks."""
+        """Raise a `ValueError` naming the key, its value and the constraint it breaks, for configs that cannot run
+        (or would run into NaN / a failure at forward time). Configs that transformers' built-in class runs although
+        they look odd (e.g. more experts per token than the selected groups hold) load, with a warning naming the
+        key and what is computed."""
 
         def fail(key, value, constraint):
             raise ValueError(f"DeepseekV3Config: `{key}`={value!r} is invalid: {constraint}")
+
+        def check_int(key, value, minimum, constraint):
+            if isinstance(value, str):
+                fail(key, value, f"must be an integer, not the string {value!r} (write it without quotes in the JSON)")
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                fail(key, value, constraint)
 
         positive = [
             "vocab_size",
@@ -167,24 +182,33 @@ class DeepseekV3Config(PreTrainedConfig):
             "moe_layer_freq",
         ]
         for key in positive:
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                fail(key, value, "must be a positive integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            fail("q_lora_rank", self.q_lora_rank, "must be a positive integer, or null for a full-rank q_proj")
-        rope_kind = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_kind not in ("default", "yarn"):
-            fail("rope_parameters.rope_type", rope_kind, "must be 'default' or 'yarn' (DeepSeek-V3 uses YaRN)")
+            check_int(key, getattr(self, key), 1, "must be a positive integer")
+        if self.q_lora_rank is not None:
+            check_int("q_lora_rank", self.q_lora_rank, 1, "must be a positive integer, or null for a full-rank q_proj")
+        for key in ("num_nextn_predict_layers", "first_k_dense_replace"):
+            check_int(key, getattr(self, key), 0, "must be >= 0")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary dims come in pairs)")
-        if self.num_nextn_predict_layers < 0:
-            fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "must be >= 0")
-        if self.first_k_dense_replace < 0:
-            fail("first_k_dense_replace", self.first_k_dense_replace, "must be >= 0")
-        if self.mtp_loss_weight < 0:
-            fail("mtp_loss_weight", self.mtp_loss_weight, "must be >= 0 (0 disables the MTP loss)")
-        if self.seq_aux_loss_alpha is not None and self.seq_aux_loss_alpha < 0:
-            fail("seq_aux_loss_alpha", self.seq_aux_loss_alpha, "must be >= 0 (0 disables the balance loss)")
+        self._validate_numbers()
+        self._validate_rope()
+        if self.hidden_act not in ACT2FN:
+            fail("hidden_act", self.hidden_act, f"must be an activation transformers knows, e.g. 'silu' ({sorted(ACT2FN)})")
+        if self.mla_absorb not in ("auto", "on", "off", True, False):
+            fail("mla_absorb", self.mla_absorb, "must be 'auto', 'on' or 'off'")
+        if self.pad_token_id is not None:
+            check_int("pad_token_id", self.pad_token_id, 0, "must be a token id >= 0, or null")
+            if self.pad_token_id >= self.vocab_size:
+                fail("pad_token_id", self.pad_token_id, f"must be < vocab_size={self.vocab_size}")
+        if self.first_k_dense_replace >= self.num_hidden_layers and self.n_routed_experts is not None:
+            logger.warning_once(
+                f"DeepseekV3Config: `first_k_dense_replace`={self.first_k_dense_replace} >= num_hidden_layers="
+                f"{self.num_hidden_layers}: every layer (and the MTP modules) uses a dense MLP, no routed experts"
+            )
+        if self.moe_layer_freq != 1:
+            logger.warning_once(
+                f"DeepseekV3Config: `moe_layer_freq`={self.moe_layer_freq} is ignored: as in DeepSeek-V3's reference "
+                f"and transformers' built-in class, every layer from first_k_dense_replace on is a MoE layer"
+            )
         if self.scoring_func not in SCORING_FUNCS:
             fail("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
         if self.topk_method not in TOPK_METHODS:
@@ -192,15 +216,13 @@ class DeepseekV3Config(PreTrainedConfig):
         if self.n_routed_experts is None:
             return
         for key in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                fail(key, value, "must be a positive integer")
-        if self.n_shared_experts is not None and self.n_shared_experts < 0:
-            fail("n_shared_experts", self.n_shared_experts, "must be >= 0")
-        n_group = self.n_group or 1
-        topk_group = self.topk_group or 1
-        if n_group <= 0:
-            fail("n_group", self.n_group, "must be a positive integer")
+            check_int(key, getattr(self, key), 1, "must be a positive integer")
+        if self.n_shared_experts is not None:
+            check_int("n_shared_experts", self.n_shared_experts, 0, "must be >= 0")
+        n_group = 1 if self.n_group is None else self.n_group
+        topk_group = 1 if self.topk_group is None else self.topk_group
+        check_int("n_group", n_group, 1, "must be a positive integer (or null for a single group)")
+        check_int("topk_group", topk_group, 1, "must be a positive integer: the number of groups a token may use")
         if self.n_routed_experts % n_group:
             fail(
                 "n_routed_experts",
@@ -216,14 +238,62 @@ class DeepseekV3Config(PreTrainedConfig):
                 n_group,
                 f"leaves {experts_per_group} expert per group; group scores sum the top-2 experts of a group",
             )
+        if self.num_experts_per_tok > self.n_routed_experts:
+            fail("num_experts_per_tok", self.num_experts_per_tok, f"must be <= n_routed_experts={self.n_routed_experts}")
         selectable = topk_group * experts_per_group if self.topk_method != "greedy" else self.n_routed_experts
         if self.num_experts_per_tok > selectable:
-            fail(
-                "num_experts_per_tok",
-                self.num_experts_per_tok,
-                f"must be <= the {selectable} experts of the topk_group={topk_group} selected groups "
-                f"({experts_per_group} experts per group)",
+            logger.warning_once(
+                f"DeepseekV3Config: `num_experts_per_tok`={self.num_experts_per_tok} > the {selectable} experts of the "
+                f"topk_group={topk_group} selected groups ({experts_per_group} experts per group): each token also "
+                f"gets experts of unselected groups (picked among equal -inf scores), as transformers' built-in class "
+                f"computes it"
             )
+
+    def _validate_numbers(self):
+        """Float keys: real numbers (not strings), finite, in range."""
+
+        def number(key, value, minimum=None, strict=False):
+            if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    f"DeepseekV3Config: `{key}`={value!r} is invalid: must be a number"
+                    + (" (write it without quotes in the JSON)" if isinstance(value, str) else "")
+                )
+            if not math.isfinite(value):
+                raise ValueError(f"DeepseekV3Config: `{key}`={value!r} is invalid: must be finite")
+            if minimum is not None and (value <= minimum if strict else value < minimum):
+                relation = ">" if strict else ">="
+                raise ValueError(f"DeepseekV3Config: `{key}`={value!r} is invalid: must be {relation} {minimum}")
+
+        number("rms_norm_eps", self.rms_norm_eps, 0, strict=True)
+        number("routed_scaling_factor", self.routed_scaling_factor, 0, strict=True)
+        number("initializer_range", self.initializer_range, 0)
+        number("mtp_loss_weight", self.mtp_loss_weight, 0)
+        if self.seq_aux_loss_alpha is not None:
+            number("seq_aux_loss_alpha", self.seq_aux_loss_alpha, 0)
+        number("attention_dropout", self.attention_dropout, 0)
+
+    def _validate_rope(self):
+        params = self.rope_parameters or {}
+        kind = params.get("rope_type", "default")
+        if kind not in supported_rope_types():
+            raise ValueError(
+                f"DeepseekV3Config: `rope_parameters.rope_type`={kind!r} is invalid: must be one of "
+                f"{supported_rope_types()} (DeepSeek-V3 uses 'yarn')"
+            )
+        theta = params.get("rope_theta", 10000.0)
+        if isinstance(theta, str) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"DeepseekV3Config: `rope_parameters.rope_theta`={theta!r} is invalid: must be a number > 0")
+        if kind != "default":
+            factor = params.get("factor")
+            if kind != "longrope" and factor is None and kind != "llama3":
+                raise ValueError(f"DeepseekV3Config: `rope_parameters.factor` is missing: rope_type {kind!r} needs it")
+            if factor is not None and (
+                isinstance(factor, str) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0
+            ):
+                raise ValueError(
+                    f"DeepseekV3Config: `rope_parameters.factor`={factor!r} is invalid: must be a number > 0 (the "
+                    f"context extension ratio, 40 for DeepSeek-V3)"
+                )
 
 
 __all__ = ["DeepseekV3Config"]

@@ -3,12 +3,15 @@
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ._compat import resolve_cache
 from .attention import DeepseekV3Attention
 from .layers import DeepseekV3MLP, DeepseekV3RMSNorm
 from .moe import DeepseekV3MoE, RouterOutput
 
 
-class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
+class DeepseekV3Block(GradientCheckpointingLayer):
+    """The block shared by the main decoder layers and the MTP modules (which add their input projection)."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -27,16 +30,18 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
-        """[B, S, D] -> ([B, S, D], routing decisions of this layer or None for a dense layer)."""
+        """[B, S, D] -> ([B, S, D], routing decisions of this layer or None for a dense layer).
+        `cache` (or `past_key_values`): the layer's attention cache."""
+        cache = resolve_cache(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -48,3 +53,8 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, routing
+
+
+class DeepseekV3DecoderLayer(DeepseekV3Block):
+    """A layer of the main stack (`model.layers.{i}`, i < num_hidden_layers): its outputs are the model's
+    `hidden_states` when those are requested."""

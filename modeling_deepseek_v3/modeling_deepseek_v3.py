@@ -13,13 +13,18 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
+from ._compat import cache_kwargs, create_causal_mask, output_cache, resolve_cache
+from .attention import DeepseekV3Attention
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .decoder_layer import DeepseekV3DecoderLayer
 from .layers import DeepseekV3RMSNorm
+from .loss import LOSS_KWARGS, causal_lm_loss, shift_labels_for_mtp
 from .moe import DeepseekV3Experts, DeepseekV3TopkRouter, RouterOutput
 from .mtp import DeepseekV3MultiTokenPredictionLayer
 from .rope import DeepseekV3RotaryEmbedding, compute_inv_freq
@@ -31,7 +36,8 @@ MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 @dataclass
 class DeepseekV3ModelOutput(MoeModelOutputWithPast):
     """`mtp_hidden_states`: per MTP depth k, shared_head.norm(h^k) [B, S, D] (position t predicts token t+k+1).
-    `router_outputs`: per MoE layer (main layers first, then MTP blocks), the routing decisions."""
+    `router_outputs`: per MoE layer (main layers first, then MTP blocks), the routing decisions.
+    `router_logits` (with `output_router_logits`): per MoE layer of the main stack, the raw gate logits [B*S, E]."""
 
     mtp_hidden_states: tuple[torch.Tensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
@@ -55,11 +61,17 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MultiTokenPredictionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False  # value head dim != query head dim
     _supports_flex_attn = False
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # static cache + torch.compile(fullgraph=True) decoding (tested)
+    # transformers' output capturing (`output_hidden_states=True` or a list of layer indices, `output_attentions`)
+    _can_record_outputs = {"hidden_states": DeepseekV3DecoderLayer, "attentions": DeepseekV3Attention}
+    # the routed experts go through transformers' experts interface (`@use_experts_implementation` in moe.py, which
+    # transformers' source check does not see from this module): eager / grouped_mm / batched_mm
+    _can_set_experts_implementation_cached_value = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
 
@@ -74,7 +86,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, DeepseekV3RotaryEmbedding):
-            init.copy_(module.inv_freq, compute_inv_freq(module.config)[0])
+            inv_freq = compute_inv_freq(module.config)[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
         else:  # nn.Linear (normal, zero bias), nn.Embedding (normal), RMSNorm (ones)
             super()._init_weights(module)
 
@@ -82,9 +96,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         """A checkpoint may hold more MTP layers than this config uses (e.g. num_nextn_predict_layers=0)."""
         first_unused = self.config.num_hidden_layers + self.config.num_nextn_predict_layers
         unused = "|".join(str(i) for i in range(first_unused, first_unused + 8))
-        self._keys_to_ignore_on_load_unexpected = list(self._keys_to_ignore_on_load_unexpected) + [
-            rf"model\.layers\.({unused})\."
-        ]
+        patterns = set(self._keys_to_ignore_on_load_unexpected or ()) | {rf"model\.layers\.({unused})\."}
+        self._keys_to_ignore_on_load_unexpected = patterns
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
@@ -117,73 +130,84 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         mtp_depth: int = 0,
         **kwargs,
     ) -> DeepseekV3ModelOutput:
-        """`mtp_depth`: how many MTP modules to run after the main stack (0 = none, the inference default)."""
+        """`cache` (`past_key_values` is accepted too): the KV cache (latent + rope key per layer).
+        `mtp_depth`: how many MTP modules to run after the main stack (0 = none, the inference default).
+        `output_hidden_states` / `output_attentions` are captured by transformers' output-capturing hooks;
+        `output_router_logits` (kwarg or config) returns the main stack's gate logits."""
+        cache = resolve_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if mtp_depth > len(self.mtp_layers):
             raise ValueError(
                 f"mtp_depth={mtp_depth} but the model has num_nextn_predict_layers={len(self.mtp_layers)}"
             )
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        if seq == 0:
+            raise ValueError("DeepseekV3Model: the input has 0 tokens (input_ids / inputs_embeds of sequence length 0)")
+        past_seen = None
+        if position_ids is None or (attention_mask is not None and not torch.compiler.is_compiling()):
+            past_seen = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and not torch.compiler.is_compiling():
+            check_attention_mask(attention_mask, batch, seq, past_seen)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         # tokens whose routing counts towards the expert load (balancing): the non-padding ones
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:  # [B, past + S]: the last S columns are ours
-            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
+        if self.training and attention_mask is not None and attention_mask.dim() == 2:  # [B, past + S]: last S
+            token_mask = attention_mask[:, -seq:].reshape(-1).bool()
         router_outputs = []
 
         def record_routing(layer, routing: RouterOutput | None) -> None:
-            """Keep a MoE layer's routing for the output and, in training, add it to its router's expert load."""
+            """Keep a MoE layer's routing for the output and, in training, add it to its router's expert load
+            (tokens with a non-finite gate logit, i.e. NaN activations, are not counted)."""
             if routing is not None:
                 router_outputs.append(routing)
                 if self.training:
-                    layer.mlp.gate.record_load(routing.topk_indices, token_mask)
+                    finite = torch.isfinite(routing.router_logits).all(-1)
+                    layer.mlp.gate.record_load(routing.topk_indices, finite if token_mask is None else finite & token_mask)
 
         for layer in self.decoder_layers:
             hidden_states, routing = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             record_routing(layer, routing)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
+        router_logits = tuple(r.router_logits for r in router_outputs) if output_router_logits else None
 
         mtp_hidden_states = None
         if mtp_depth:
@@ -201,17 +225,31 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
         return DeepseekV3ModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=all_hidden_states,
+            **cache_kwargs(cache),
+            router_logits=router_logits,
             mtp_hidden_states=mtp_hidden_states,
             router_outputs=tuple(router_outputs),
         )
 
 
-def shift_labels_for_mtp(labels: torch.Tensor, depth: int, ignore_index: int = -100) -> torch.Tensor:
-    """Labels for MTP depth k: the causal-LM loss shifts by one, so shifting by k more targets token t+k+1."""
-    pad = labels.new_full((labels.shape[0], depth), ignore_index)
-    return torch.cat((labels[:, depth:], pad), dim=1)
+def check_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int, past_seen: int) -> None:
+    """A 2D padding mask must be [batch, past + seq] (a wrong length would silently shift every row's padding);
+    a 4D mask (custom attention pattern) must be [batch or 1, 1 or heads, seq, >= past + seq]."""
+    if attention_mask.dim() == 2:
+        expected = (batch, past_seen + seq)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the input needs {expected} "
+                f"(batch, cached tokens {past_seen} + new tokens {seq}): pass the mask of the whole sequence so far"
+            )
+    elif attention_mask.dim() == 4:
+        if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq:
+            raise ValueError(
+                f"4D attention_mask has shape {tuple(attention_mask.shape)}: expected [{batch} or 1, heads or 1, "
+                f"{seq} (queries), keys]"
+            )
+    else:
+        raise ValueError(f"attention_mask must be 2D [batch, length] or 4D, got shape {tuple(attention_mask.shape)}")
 
 
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
@@ -233,12 +271,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -247,16 +286,20 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return_mtp_logits: bool = False,
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast:
-        """With `labels`: loss = main loss + mtp_loss_weight * mean_k(MTP loss at depth k) + balance loss.
-        `return_mtp_logits=True` also returns each MTP depth's logits (the depth-k logits at position t predict
-        token t+k+1)."""
+        """With `labels`: loss = main loss + mtp_loss_weight * mean_k(MTP loss at depth k) + balance loss (see
+        `loss.py`; `num_items_in_batch`, `ignore_index` and `shift_labels` are honoured as transformers' causal-LM
+        loss does). `cache` (`past_key_values` is accepted too): the KV cache. `return_mtp_logits=True` also returns
+        each MTP depth's logits (the depth-k logits at position t predict token t+k+1). `return_dict=False` returns
+        the tuple of the non-None fields in the standard order (loss, aux_loss, logits, cache, ...)."""
+        cache = resolve_cache(cache, kwargs)
+        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         num_mtp = self.config.num_nextn_predict_layers
         run_mtp = num_mtp > 0 and (return_mtp_logits or (labels is not None and self.config.mtp_loss_weight > 0))
         outputs: DeepseekV3ModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mtp_depth=num_mtp if run_mtp else 0,
@@ -266,31 +309,21 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = main_loss = mtp_loss = None
-        loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
-        if labels is not None:
-            main_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-            loss = main_loss
-        mtp_logits = None
-        if run_mtp:
-            mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states)
-            if labels is not None and self.config.mtp_loss_weight > 0:
-                depth_losses = [
-                    self.loss_function(
-                        logits=depth_logits,
-                        labels=shift_labels_for_mtp(labels, k),
-                        vocab_size=self.config.vocab_size,
-                        **loss_kwargs,
-                    )
-                    for k, depth_logits in enumerate(mtp_logits, start=1)
-                ]
-                mtp_loss = torch.stack(depth_losses).mean()
-                loss = loss + self.config.mtp_loss_weight * mtp_loss
-
+        mtp_logits = tuple(self.lm_head(h) for h in outputs.mtp_hidden_states) if run_mtp else None
         balance_losses = [r.balance_loss for r in outputs.router_outputs if r.balance_loss is not None]
         aux_loss = torch.stack(balance_losses).sum() if balance_losses else None
-        if aux_loss is not None and loss is not None:
-            loss = loss + aux_loss.to(loss.dtype)
+        loss = main_loss = mtp_loss = None
+        if labels is not None:
+            loss, main_loss, mtp_loss = causal_lm_loss(
+                self.loss_function,
+                logits,
+                labels,
+                self.config.vocab_size,
+                mtp_logits,
+                self.config.mtp_loss_weight,
+                aux_loss,
+                **loss_kwargs,
+            )
 
         router_stats = None
         if output_router_stats and outputs.router_outputs:
@@ -303,8 +336,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
             main_loss=main_loss,
             mtp_loss=mtp_loss,
             mtp_logits=mtp_logits if return_mtp_logits else None,
@@ -343,8 +378,30 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
 
+class DeepseekV3ForSequenceClassification(GenericForSequenceClassification, DeepseekV3PreTrainedModel):
+    """transformers' sequence-classification head (`score` on the last non-padding token) over `DeepseekV3Model`:
+    reward models for GRPO / RLHF. Built without MTP modules (a classifier never runs them); the MTP layers of a
+    causal-LM checkpoint are ignored on load."""
+
+    def __init__(self, config):
+        config.num_nextn_predict_layers = 0
+        super().__init__(config)
+        self._ignore_layers_beyond_mtp()
+
+
+class DeepseekV3ForTokenClassification(GenericForTokenClassification, DeepseekV3PreTrainedModel):
+    """transformers' token-classification head (`score` per position) over `DeepseekV3Model`, without MTP modules."""
+
+    def __init__(self, config):
+        config.num_nextn_predict_layers = 0
+        super().__init__(config)
+        self._ignore_layers_beyond_mtp()
+
+
 __all__ = [
     "DeepseekV3PreTrainedModel",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DeepseekV3Model",
     "DeepseekV3ForCausalLM",
     "DeepseekV3ModelOutput",

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
 
 from .layers import DeepseekV3MLP
 
@@ -30,6 +31,7 @@ class RouterOutput(NamedTuple):
     topk_indices: torch.Tensor  # [N, K] chosen experts
     topk_weights: torch.Tensor  # [N, K] gate weights (fp32)
     balance_loss: torch.Tensor | None  # scalar sequence-wise balance loss (already times alpha), or None
+    router_logits: torch.Tensor | None = None  # [N, E] raw gate logits u . e_i (fp32), as transformers' routers return
 
 
 class DeepseekV3TopkRouter(nn.Module):
@@ -67,9 +69,15 @@ class DeepseekV3TopkRouter(nn.Module):
                 self._buffers[name] = fp32[name].to(device=buffer.device, dtype=torch.float32)
         return self
 
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> raw gate logits [N, E] in fp32."""
+        return F.linear(hidden_states.float(), self.weight.float())
+
     def affinities(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, D] -> token-to-expert affinities [N, E] in fp32."""
-        logits = F.linear(hidden_states.float(), self.weight.float())
+        return self.scores_from_logits(self.logits(hidden_states))
+
+    def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def select_experts(self, scores: torch.Tensor) -> torch.Tensor:
@@ -90,10 +98,11 @@ class DeepseekV3TopkRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, batch_size: int = 1) -> RouterOutput:
         """hidden_states [N, D] with N = batch_size * seq_len (sequence order kept, for the balance loss)."""
-        scores = self.affinities(hidden_states)
+        logits = self.logits(hidden_states)
+        scores = self.scores_from_logits(logits)
         topk_indices = self.select_experts(scores.detach())
         topk_weights = scores.gather(1, topk_indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # also for top_k = 1 (weight 1), as DeepSeek's reference and the built-in class
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weights = topk_weights * self.routed_scaling_factor
 
@@ -101,7 +110,7 @@ class DeepseekV3TopkRouter(nn.Module):
         alpha = self.config.effective_seq_aux_loss_alpha
         if self.training and alpha > 0:
             balance_loss = alpha * sequence_balance_loss(scores, topk_indices, batch_size, self.num_experts)
-        return RouterOutput(topk_indices, topk_weights, balance_loss)
+        return RouterOutput(topk_indices, topk_weights, balance_loss, logits)
 
     def record_load(self, topk_indices: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Add this forward's routed-token counts to `tokens_per_expert` (token_mask [N] bool: real tokens).
@@ -134,6 +143,14 @@ def sequence_balance_loss(
     return (fractions * probs).sum(dim=-1).mean()
 
 
+EXPERTS_ON_META = (
+    "The routed experts' weights are still on the meta device: checkpoints store them per expert "
+    "(`mlp.experts.{e}.gate_proj/up_proj/down_proj`) and only `from_pretrained` fuses them into "
+    "`experts.gate_up_proj` / `experts.down_proj`. Load with `from_pretrained(path, device_map=...)` "
+    "instead of `init_empty_weights()` + `load_checkpoint_and_dispatch`."
+)
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, in] (rows sorted by expert, group g ends at offsets[g]) times weight[g]^T ([E, out, in]) -> [M, out]."""
     out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -143,14 +160,22 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
 
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
-    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.compiler.is_compiling():  # torch's grouped-mm meta kernel takes bf16 only
+        return x.dtype == torch.bfloat16
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
 
 
+@use_experts_implementation
 class DeepseekV3Experts(nn.Module):
     """The routed experts as two 3-D parameters (transformers' fused layout; split per expert on save).
 
     gate_up_proj [E, 2I, D] (gate rows first, then up rows), down_proj [E, D, I].
-    """
+
+    The forward goes through transformers' experts interface (`experts_implementation` of `from_pretrained` /
+    `model.set_experts_implementation`: "grouped_mm" (the default where torch has grouped GEMMs), "batched_mm",
+    "eager" = `forward` below), which is also what expert parallelism hooks into."""
 
     def __init__(self, config):
         super().__init__()
@@ -159,6 +184,14 @@ class DeepseekV3Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, self.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
+
+    def _apply(self, fn, recurse=True):
+        try:
+            return super()._apply(fn, recurse)
+        except NotImplementedError as error:  # "Cannot copy out of meta tensor" (e.g. accelerate's dispatch)
+            if self.gate_up_proj.is_meta or self.down_proj.is_meta:
+                raise RuntimeError(EXPERTS_ON_META) from error
+            raise
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain `load_state_dict` of what `save_pretrained` wrote (the per-expert layout, e.g. Trainer's
@@ -173,19 +206,27 @@ class DeepseekV3Experts(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden_states [N, D], topk_indices/topk_weights [N, K] -> weighted sum of expert outputs [N, D]."""
+        """hidden_states [N, D], topk_indices/topk_weights [N, K] -> weighted sum of expert outputs [N, D].
+
+        The "eager" implementation: (token, slot) pairs sorted by expert, one grouped GEMM per projection where
+        torch has one for this dtype, else one matmul per expert (or, inside a compiled graph, a batched matmul
+        against each pair's expert weights)."""
         top_k = topk_indices.shape[1]
         flat_experts = topk_indices.flatten()
         order = flat_experts.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token_idx = order // top_k
         routed = hidden_states[token_idx]  # [N*K, D]
+        sorted_experts = flat_experts[order]
         if _grouped_mm_available(routed):
-            counts = torch.bincount(flat_experts, minlength=self.num_experts)
+            counts = torch.zeros(self.num_experts, dtype=torch.int32, device=routed.device)
+            counts = counts.scatter_add(0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
             offsets = counts.cumsum(0).to(torch.int32)
             gate, up = _grouped_linear(routed, self.gate_up_proj, offsets).chunk(2, dim=-1)
             expert_out = _grouped_linear(self.act_fn(gate) * up, self.down_proj, offsets)
+        elif torch.compiler.is_compiling():
+            expert_out = self._batched_forward(routed, sorted_experts)
         else:
-            expert_out = self._loop_forward(routed, flat_experts[order])
+            expert_out = self._loop_forward(routed, sorted_experts)
         expert_out = expert_out * topk_weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, token_idx, expert_out.to(out.dtype))
@@ -200,6 +241,12 @@ class DeepseekV3Experts(nn.Module):
             gate, up = F.linear(routed[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
             out[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
         return out
+
+    def _batched_forward(self, routed: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor:
+        """Graph-friendly path (no data-dependent shapes): each (token, slot) pair against its expert's weights."""
+        gate_up = torch.bmm(self.gate_up_proj[sorted_experts], routed.unsqueeze(-1)).squeeze(-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.bmm(self.down_proj[sorted_experts], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -216,6 +263,8 @@ class DeepseekV3MoE(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        if self.experts.gate_up_proj.is_meta:
+            raise RuntimeError(EXPERTS_ON_META)
         batch, seq, dim = hidden_states.shape
         flat = hidden_states.reshape(-1, dim)
         routing = self.gate(flat, batch_size=batch)

@@ -15,7 +15,8 @@ tensors, written back on save (see `DeepseekV3ForCausalLM.save_pretrained`).
 import torch
 from torch import nn
 
-from .decoder_layer import DeepseekV3DecoderLayer
+from ._compat import resolve_cache
+from .decoder_layer import DeepseekV3Block
 from .layers import DeepseekV3RMSNorm
 
 
@@ -30,8 +31,9 @@ class DeepseekV3MTPSharedHead(nn.Module):
         return self.norm(hidden_states)
 
 
-class DeepseekV3MultiTokenPredictionLayer(DeepseekV3DecoderLayer):
-    """A full decoder block preceded by the (embedding, previous hidden) projection of MTP."""
+class DeepseekV3MultiTokenPredictionLayer(DeepseekV3Block):
+    """A full decoder block preceded by the (embedding, previous hidden) projection of MTP. Not a
+    `DeepseekV3DecoderLayer`: its outputs are not the main stack's hidden states / attentions."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -46,20 +48,23 @@ class DeepseekV3MultiTokenPredictionLayer(DeepseekV3DecoderLayer):
         next_token_embeds: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ):
         """previous_hidden_states h^{k-1} [B, S, D], next_token_embeds Emb(token_{t+k}) [B, S, D]
         -> (shared_head.norm(h^k) [B, S, D], ready for the output head and for depth k+1; routing of the block).
 
         The final norm runs inside this forward so that everything the module owns is used while its parameters
-        are gathered (FSDP shards each layer separately)."""
+        are gathered (FSDP shards each layer separately). `cache` (or `past_key_values`): the block's attention cache
+        (speculative decoding); attention probabilities of MTP blocks are never returned."""
+        cache = resolve_cache(cache, kwargs)
+        kwargs.pop("output_attentions", None)
         combined = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(previous_hidden_states)), dim=-1))
         hidden_states, routing = super().forward(
             combined,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         return self.shared_head(hidden_states), routing

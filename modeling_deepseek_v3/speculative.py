@@ -36,8 +36,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.masking_utils import create_causal_mask
-
+from ._compat import create_causal_mask
 from .attention import attention_bias
 
 logger = logging.getLogger(__name__)
@@ -115,8 +114,14 @@ class MTPSpeculativeDecoder:
             "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_return_sequences": 1,
         }  # fmt: skip
         used = [k for k, default in unsupported.items() if getattr(generation_config, k, None) not in (None, default)]
+        used += [k for k in ("output_attentions", "output_hidden_states") if getattr(generation_config, k, False)]
         if used:
             raise ValueError(f"use_mtp=True does not support the generation options {used}")
+        # `output_scores` / `output_logits` with `return_dict_in_generate`: per generated token, the main model's
+        # processed scores / raw logits at the slot that emitted it (as transformers' assisted decoding returns them)
+        self.keep_logits = bool(generation_config.return_dict_in_generate) and bool(
+            generation_config.output_scores or generation_config.output_logits
+        )
         self.model = model
         self.config = model.config
         self.mtp = model.model.mtp_layers[0]
@@ -157,19 +162,17 @@ class MTPSpeculativeDecoder:
         lm_head; also the hidden state a chained draft step starts from)."""
         embeds = self.model.model.embed_tokens(next_ids)
         position_embeddings = self.model.model.rotary_emb(embeds, positions)
-        out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d,
-                          past_key_values=cache)  # fmt: skip
+        out, _ = self.mtp(hidden, embeds, position_embeddings=position_embeddings, attention_mask=mask4d, cache=cache)
         return out
 
     def target(self, ids, mask2d, positions, cache):
         """Main model -> (normed hidden [B, S, D], logits [B, S, V], the 4D mask of this step for the MTP block)."""
         embeds = self.model.model.embed_tokens(ids)
         mask4d = create_causal_mask(
-            config=self.config, inputs_embeds=embeds, attention_mask=mask2d, past_key_values=cache,
-            position_ids=positions,
+            config=self.config, inputs_embeds=embeds, attention_mask=mask2d, cache=cache, position_ids=positions,
         )  # fmt: skip
         out = self.model.model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=positions,
-                               past_key_values=cache, use_cache=True)  # 4D mask: used as is  # fmt: skip
+                               cache=cache, use_cache=True)  # 4D mask: used as is  # fmt: skip
         hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden), mask4d
 
@@ -254,6 +257,10 @@ class MTPSpeculativeDecoder:
         # out: emitted tokens; the last column collects writes of finished rows and is never returned
         out = torch.full((batch, max_new + k + 2), self.pad, dtype=torch.long, device=device)
         out[:, 0] = first
+        emitted_logits = None  # [B, max_new + k + 2, V] raw logits of each emitted token (when asked for)
+        if self.keep_logits:
+            emitted_logits = logits.new_zeros(batch, out.shape[1], logits.shape[-1], dtype=torch.float32)
+            emitted_logits[:, 0] = logits[:, -1]
         n_out = torch.ones(batch, dtype=torch.long, device=device)
         done = torch.isin(first, eos) | (n_out >= max_new)
         if device.type == "cuda":
@@ -275,7 +282,10 @@ class MTPSpeculativeDecoder:
             is_eos = torch.isin(emitted, eos) & (slots <= accepted[:, None])
             n_emit = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, accepted + 1)  # [B]
             write = active[:, None] & (slots < n_emit[:, None])
-            out.scatter_(1, torch.where(write, n_out[:, None] + slots, out.shape[1] - 1), emitted)
+            columns = torch.where(write, n_out[:, None] + slots, out.shape[1] - 1)
+            out.scatter_(1, columns, emitted)
+            if emitted_logits is not None:
+                emitted_logits.scatter_(1, columns[..., None].expand(-1, -1, logits.shape[-1]), logits.float())
             n_out = n_out + torch.where(active, n_emit, 0)
             done = done | (active & is_eos.any(-1)) | (n_out >= max_new)
 
@@ -308,7 +318,11 @@ class MTPSpeculativeDecoder:
         self.stats.row_forwards, self.stats.drafted, self.stats.accepted, self.stats.emitted = values[:4]
         self.stats.accepted_prefixes = values[4:]
         self.cache, self.attention_mask = cache, mask2d  # kept for inspection (tests check the rollback)
-        return self.finish(input_ids, out, n_out, max_new)
+        sequences = self.finish(input_ids, out, n_out, max_new)
+        self.emitted_logits = None
+        if emitted_logits is not None:
+            self.emitted_logits = emitted_logits[:, : sequences.shape[1] - prompt_len]
+        return sequences
 
     def finish(self, input_ids, out, n_out, max_new):
         """Rows cut at max_new tokens and after their first EOS, padded to the longest row (as `generate` does)."""
@@ -345,8 +359,17 @@ def mtp_speculative_generate(model, inputs=None, generation_config=None, **kwarg
         stats.draft_tokens, stats.acceptance_rate, stats.mean_accepted_tokens, stats.target_forwards,
     )  # fmt: skip
     if generation_config.return_dict_in_generate:
+        scores = logits = None
+        if decoder.emitted_logits is not None:
+            raw = decoder.emitted_logits.unbind(1)  # per generated position: [B, V]
+            if generation_config.output_logits:
+                logits = raw
+            if generation_config.output_scores:
+                scores = tuple(decoder.warpers(None, x) if len(decoder.warpers) else x for x in raw)
         return SpeculativeGenerateOutput(
             sequences=sequences,
+            scores=scores,
+            logits=logits,
             acceptance_rate=stats.acceptance_rate,
             mean_accepted_tokens=stats.mean_accepted_tokens,
             target_forwards=stats.target_forwards,

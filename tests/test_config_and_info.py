@@ -14,7 +14,7 @@ from deepseek_v3.info import parameter_report
     [
         (dict(n_routed_experts=250, n_group=8), "n_routed_experts", "divisible by n_group=8"),
         (dict(topk_group=9), "topk_group", "in [1, n_group=8]"),
-        (dict(num_experts_per_tok=129), "num_experts_per_tok", "<= the 128 experts of the topk_group=4"),
+        (dict(num_experts_per_tok=257), "num_experts_per_tok", "<= n_routed_experts=256"),
         (dict(scoring_func="relu"), "scoring_func", "must be one of"),
         (dict(topk_method="aux_free"), "topk_method", "must be one of"),
         (dict(kv_lora_rank=0), "kv_lora_rank", "positive integer"),
@@ -35,8 +35,8 @@ def test_invalid_config_names_key_value_and_constraint(overrides, key, constrain
 
 
 def test_unknown_rope_type_is_rejected():
-    with pytest.raises(ValueError, match="rope_type`='longrope'"):
-        DeepseekV3Config(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope_type`='rotary2d'"):
+        DeepseekV3Config(rope_parameters={"rope_type": "rotary2d", "rope_theta": 10000.0})
 
 
 def test_unknown_config_name():

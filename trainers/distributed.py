@@ -24,9 +24,11 @@ def check_engine(trainer) -> None:
     Accelerate turns an FSDP config into FSDP only on accelerator devices: with `use_cpu: true` (the CPU recipes)
     or on a machine without GPU it silently trains with plain DDP (`MULTI_CPU`), which replicates the whole model on
     every rank. The run must say so instead of pretending to shard."""
-    running = trainer.accelerator.distributed_type.value
     for variable, engine in REQUESTED_ENGINES.items():
-        if os.environ.get(variable, "false").lower() == "true" and running != engine:
+        if os.environ.get(variable, "false").lower() != "true":
+            continue
+        running = trainer.accelerator.distributed_type.value
+        if running != engine:
             raise RuntimeError(
                 f"`accelerate launch` asked for {engine} ({variable}=true) but the trainer runs {running}: Accelerate "
                 f"enables {engine} only on accelerator devices (GPU, ...), not with `use_cpu: true` or on a CPU-only "

@@ -154,6 +154,8 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--span", type=int, default=64, help="progressions use token ids 3 .. 3 + span - 1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip (a) and (b): only absorbed decode (c) and MTP (d), compared with (c)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.weights_dir is None:
@@ -181,6 +183,9 @@ def main():
         "(b) ours, expanded": lambda p: time_plain_decode(ours, p, args.new_tokens, mla_absorb="off"),
         "(c) ours, absorbed": lambda p: time_plain_decode(ours, p, args.new_tokens),  # "auto": absorbed decode
     }
+    if args.no_baselines:
+        del variants["(a) transformers built-in"], variants["(b) ours, expanded"]
+    base_name = next(iter(variants))
     for k in args.draft_tokens:
         variants[f"(d) ours, absorbed + MTP, k={k}"] = lambda p, k=k: time_speculative_decode(ours, p, args.new_tokens, k)
     warm = progressions(1, 32, span, torch.Generator().manual_seed(7)).to(device)
@@ -201,7 +206,7 @@ def main():
             best = max(name_runs, key=lambda r: r["decode_tok_s"])
             best["prefill_s"] = min(r["prefill_s"] for r in name_runs)
             results[name] = best
-        base = results["(a) transformers built-in"]
+        base = results[base_name]
         reference_tokens = base["tokens"][:, : args.new_tokens + 1]
         for name, r in results.items():
             same = torch.equal(r["tokens"][:, : args.new_tokens + 1], reference_tokens)
@@ -210,7 +215,7 @@ def main():
                      f"{', '.join(f'{a:.2f}' for a in r['by_position'])}), {r['tokens_per_forward']:.2f} tok/forward"
                      if "acceptance" in r else "")  # fmt: skip
             print(f"ctx {context:5d} {name:28s} prefill {r['prefill_s']:7.2f}s  decode {r['decode_tok_s']:8.2f} tok/s"
-                  f"  x{rows[-1][3]:5.2f}  cache {r['bytes']} B/tok/layer  same tokens as (a): {same}{extra}",
+                  f"  x{rows[-1][3]:5.2f}  cache {r['bytes']} B/tok/layer  same tokens as {base_name[:3]}: {same}{extra}",
                   flush=True)  # fmt: skip
 
     print()
@@ -219,15 +224,17 @@ def main():
           f"decode tokens per row (tok/s counts all rows),"
           f" best of {args.repeats} runs")  # fmt: skip
     print()
-    print("| context | variant | prefill (s) | decode tok/s | vs (a) | vs (c) | cache B/token/layer | acceptance "
+    vs_base = f" vs {base_name[:3]} |" if base_name[:3] != "(c)" else ""  # no duplicate column with --no-baselines
+    print(f"| context | variant | prefill (s) | decode tok/s |{vs_base} vs (c) | cache B/token/layer | acceptance "
           "| tok/forward |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|" + ("---:|" if vs_base else "") + "---:|---:|---:|---:|")
     absorbed = {context: r["decode_tok_s"] for context, name, r, _, _ in rows if name.startswith("(c)")}
     for context, name, r, ratio, same in rows:
         acc = f"{r['acceptance']:.3f}" if "acceptance" in r else ""
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else ""
         vs_c = r["decode_tok_s"] / absorbed[context]
-        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio:.2f}x | {vs_c:.2f}x "
+        ratio_col = f" {ratio:.2f}x |" if vs_base else ""
+        print(f"| {context} | {name} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.2f} |{ratio_col} {vs_c:.2f}x "
               f"| {r['bytes']} | {acc} | {tpf} |")  # fmt: skip
 
 

@@ -1,15 +1,21 @@
-"""FP8 GEMM benchmark: our block-scaled Triton ``fp8_gemm`` vs torch BF16 matmul vs ``torch._scaled_mm``.
+"""FP8 GEMM benchmark: the dispatched block-scaled ``fp8_gemm`` vs its candidates vs torch BF16.
 
-Shapes are DeepSeek-V3's linear layers (``K x N``: in_features x out_features) for M = 1 .. 8192 tokens::
+Shapes are DeepSeek-V3's linear layers (``K x N``: in_features x out_features)::
 
-    python benchmarks/fp8_gemm.py                      # CUDA: TFLOP/s table (+ --csv out.csv)
+    python benchmarks/fp8_gemm.py                       # CUDA: TFLOP/s table at M = 4096 .. 16384 (+ --csv out.csv)
+    python benchmarks/fp8_gemm.py --tune                # measure the dispatch rule first (kept in the rule cache)
+    python benchmarks/fp8_gemm.py --linear              # FP8Linear forward + backward vs BF16 nn.Linear
     python benchmarks/fp8_gemm.py --m 1 128 4096 --shapes 7168x2048 2048x7168
-    TRITON_INTERPRET=1 python benchmarks/fp8_gemm.py --check   # no GPU: correctness on scaled-down shapes
+    TRITON_INTERPRET=1 python benchmarks/fp8_gemm.py --smoke [--linear]   # no GPU: tiny shapes, same code path
+    TRITON_INTERPRET=1 python benchmarks/fp8_gemm.py --check             # no GPU: correctness on scaled-down shapes
 
-TFLOP/s = 2*M*N*K / time. "ours" times the GEMM alone (operands pre-quantized: weights are quantized once per step,
-activations by the fused quant kernel, timed separately as "ours+quant"). ``torch._scaled_mm`` is tried with
-DeepSeek's block-wise scaling (1x128 activations, 128x128 weights) first, then row-wise, then tensor-wise scaling;
-the first variant that runs *and* matches the BF16 result to 10% is timed and printed.
+TFLOP/s = 2*M*N*K / median time (``triton.testing.do_bench``), operands pre-quantized (weights are quantized once
+per step; activations by the quant kernel, which FP8Linear's figures include). Columns: torch BF16 matmul;
+``dispatched`` = ``fp8_gemm(backend=None)``, i.e. what FP8Linear runs (the per-shape rule of
+``kernels/fp8_dispatch``; its choice is printed); each candidate called directly: ``scaled_mm`` (cuBLAS
+block-wise), ``triton`` (ours), ``torchao`` (when importable and the shape fits). "% peak" is the dispatched
+figure over the chip's dense FP8 peak (H100 / H200 SXM: 1979 TFLOP/s, datasheet). A candidate that cannot run
+prints ``-`` and its reason once.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ import sys
 
 # DeepSeek-V3 (hidden 7168) linear shapes, "K x N" = in_features x out_features
 SHAPES = {
-    "7168x2048": "routed expert gate/up (per half)",
-    "2048x7168": "routed expert down",
     "7168x18432": "dense MLP gate/up",
     "18432x7168": "dense MLP down",
-    "7168x1536": "q_a_proj",
+    "7168x2048": "routed expert gate/up (per half)",
+    "2048x7168": "routed expert down",
     "1536x24576": "q_b_proj",
-    "7168x576": "kv_a_proj_with_mqa",
-    "512x32768": "kv_b_proj",
+    "7168x1536": "q_a_proj",
     "16384x7168": "o_proj",
+    "512x32768": "kv_b_proj",
+    "7168x576": "kv_a_proj_with_mqa",
 }
-M_VALUES = [1, 16, 64, 128, 512, 1024, 2048, 4096, 8192]
+DEFAULT_SHAPES = ["7168x18432", "18432x7168", "7168x2048", "2048x7168", "1536x24576", "16384x7168"]
+M_VALUES = [4096, 8192, 16384]
+# dense (no sparsity) FP8 / BF16 tensor-core peaks in TFLOP/s by chip name, most specific first (datasheets)
+PEAKS = (("GH200", 1979, 989), ("H200", 1979, 989), ("H100 PCIe", 1513, 756), ("H100 NVL", 1671, 835),
+         ("H100", 1979, 989), ("H800", 1979, 989), ("L40S", 733, 362), ("B200", 4500, 2250))  # fmt: skip
+
+
+def peak_tflops(name: str) -> tuple[float | None, float | None]:
+    """(dense FP8, dense BF16) datasheet TFLOP/s for a CUDA device name, (None, None) when unknown."""
+    for key, fp8, bf16 in PEAKS:
+        if key in name:
+            return fp8, bf16
+    return None, None
 
 
 def _parse_shape(s: str) -> tuple[int, int]:
@@ -41,75 +59,142 @@ def _parse_shape(s: str) -> tuple[int, int]:
     return k, n
 
 
-def _scaled_mm_variants(torch, x, w):
-    """Yield (name, fn) for the torch._scaled_mm scalings this build/GPU accepts."""
-    from deepseek_v3.kernels import act_quant, weight_quant
-
-    if not hasattr(torch, "_scaled_mm"):
-        return
-    xq, xs = act_quant(x)
-    wq, ws = weight_quant(w)
-    amax_x, amax_w = x.abs().amax().float() / 448, w.abs().amax().float() / 448
-    xt = (x.float() / amax_x).to(torch.float8_e4m3fn)
-    wt = (w.float() / amax_w).to(torch.float8_e4m3fn)
-    xr_s = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
-    wr_s = w.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
-    xr = (x.float() / xr_s).to(torch.float8_e4m3fn)
-    wr = (w.float() / wr_s).to(torch.float8_e4m3fn)
-    candidates = [
-        # block-wise (torch >= 2.9 on sm90): a scales [M, K/128] (outer-dim major), b scales [N/128, K/128]
-        ("blockwise", lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t(),
-                                               out_dtype=torch.bfloat16)),  # fmt: skip
-        ("rowwise", lambda: torch._scaled_mm(xr, wr.t(), scale_a=xr_s, scale_b=wr_s.t(), out_dtype=torch.bfloat16)),
-        ("tensorwise", lambda: torch._scaled_mm(xt, wt.t(), scale_a=amax_x, scale_b=amax_w, out_dtype=torch.bfloat16)),
-    ]
-    ref = x.float() @ w.float().t()
-    for name, fn in candidates:
-        try:
-            out = fn().float()
-        except Exception:  # this scaling is not supported by this torch build / GPU
-            continue
-        if ((out - ref).norm() / ref.norm()).item() > 0.1:  # accepted the call but misread our scale layout
-            continue
-        yield name, fn
-        return
-
-
-def bench_cuda(args) -> int:
+def _env(args):
+    """(device, timer(fn) -> ms, chip name, smoke shapes/M override)"""
     import torch
+
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--smoke runs the Triton kernels through the interpreter: set TRITON_INTERPRET=1")
+        from deepseek_v3.kernels.rule_cache import time_ms
+
+        device = torch.device("cpu")
+        timer = lambda fn: time_ms(fn, device, reps=1, warmup=0)  # noqa: E731
+        return device, timer, "cpu (Triton interpreter; timings meaningless)"
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --smoke or --check (with TRITON_INTERPRET=1)")
     from triton.testing import do_bench
 
-    from deepseek_v3.kernels import act_quant, fp8_gemm, weight_quant
+    return torch.device("cuda"), (lambda fn: do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms)), \
+        torch.cuda.get_device_name()  # fmt: skip
 
-    rows = []
-    header = f"{'shape KxN':>12} {'M':>6} | {'bf16':>8} {'ours':>8} {'ours+q':>8} {'scaled_mm':>9} ({'variant'}) TFLOP/s"
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(header)
-    for k, n in args.shapes:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+
+def bench_gemm(args) -> int:
+    import torch
+
+    from deepseek_v3.kernels import act_quant, fp8_gemm, weight_quant
+    from deepseek_v3.kernels import fp8_dispatch as fd
+
+    device, timer, chip = _env(args)
+    shapes, ms_values = args.shapes, args.m
+    if args.smoke:
+        shapes, ms_values = [(256, 256), (384, 128)], [256]
+    if args.smoke:  # one interpreted run per candidate when tuning
+        from deepseek_v3.kernels.rule_cache import time_ms
+
+        fd.GEMM.timer = lambda fn, dev: time_ms(fn, dev, reps=1, warmup=0)
+    fp8_peak, _ = peak_tflops(chip)
+    print(f"device: {chip}  torch {torch.__version__}  dense FP8 peak "
+          f"{f'{fp8_peak} TFLOP/s (datasheet)' if fp8_peak else 'unknown'}")  # fmt: skip
+    if args.tune:
+        print("dispatch rule: measured per shape now (--tune), stored in the rule cache")
+    print()
+    print("| K x N (layer) | M | torch bf16 | dispatched (choice) | % FP8 peak | vs bf16 | scaled_mm | triton (ours) "
+          "| torchao | rel. err vs fp32 |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    rows, reasons = [], {}
+    for k, n in shapes:
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         wq, ws = weight_quant(w)
-        for m in args.m:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for m in ms_values:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             xq, xs = act_quant(x)
+            args_ = (xq, xs, wq, ws, torch.bfloat16)
             flops = 2 * m * n * k
-            tflops = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
-            t_bf16 = do_bench(lambda: x @ w.t())
-            t_ours = do_bench(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton"))
-            t_ours_q = do_bench(lambda: fp8_gemm(*act_quant(x), wq, ws, torch.bfloat16, backend="triton"))
-            variant, t_sm = "n/a", float("nan")
-            for variant, fn in _scaled_mm_variants(torch, x, w):
-                t_sm = do_bench(fn)
+            tf = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
+            t_bf16 = tf(timer(lambda: x @ w.t()))
+            if args.tune:
+                fd.GEMM.tune(*args_, persist=not args.smoke)
+            # on CUDA the public op (what FP8Linear calls); on CPU (smoke) the dispatcher itself, which the public
+            # op only uses for CUDA tensors
+            dispatched = (lambda: fp8_gemm(*args_)) if device.type == "cuda" else (lambda: fd.GEMM(*args_))
+            choice = fd.GEMM.choose(*args_)
+            t_disp = tf(timer(dispatched))
+            direct = {}
+            for name in ("scaled_mm", "triton", "torchao"):
+                cand = fd.GEMM.by_name(name)
+                why = cand.available(device) or cand.supports(fd.gemm_shape_info(*args_))
+                if why is None:
+                    try:
+                        out = cand.run(*args_)
+                        ref = fd.GEMM.by_name(fd._reference_name(device)).run(*args_)
+                        err = fd._rel_err(out, ref)
+                        if not err < fd.VERIFY_RTOL:
+                            why = f"disagrees with the reference: relative error {err:.2e}"
+                    except Exception as e:
+                        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                if why is None:
+                    direct[name] = tf(timer(lambda: cand.run(*args_)))
+                else:
+                    direct[name] = float("nan")
+                    reasons.setdefault(name, why)
             ref = x.float() @ w.float().t()
-            err = ((fp8_gemm(xq, xs, wq, ws, torch.float32) - ref).norm() / ref.norm()).item()
-            row = (f"{k}x{n}", m, tflops(t_bf16), tflops(t_ours), tflops(t_ours_q), tflops(t_sm), variant, err)
+            err = ((fp8_gemm(*args_[:4], torch.float32) - ref).norm() / ref.norm()).item()
+            pct = f"{100 * t_disp / fp8_peak:.0f}%" if fp8_peak else "n/a"
+            fmt = lambda v: "-" if v != v else f"{v:.1f}"  # noqa: E731
+            row = (f"{k}x{n}", m, t_bf16, t_disp, choice, direct["scaled_mm"], direct["triton"], direct["torchao"], err)
             rows.append(row)
-            print(f"{row[0]:>12} {m:>6} | {row[2]:8.1f} {row[3]:8.1f} {row[4]:8.1f} {row[5]:9.1f} ({variant}) "
-                  f"rel.err vs fp32 {err:.2e}")  # fmt: skip
+            print(f"| {k}x{n} ({SHAPES.get(f'{k}x{n}', '')}) | {m} | {t_bf16:.1f} | {t_disp:.1f} ({choice}) | {pct} "
+                  f"| {t_disp / t_bf16:.2f}x | {fmt(direct['scaled_mm'])} | {fmt(direct['triton'])} "
+                  f"| {fmt(direct['torchao'])} | {err:.1e} |", flush=True)  # fmt: skip
+    for name, why in reasons.items():
+        print(f"- {name}: not timed ({why})")
     if args.csv:
         with open(args.csv, "w") as f:
-            f.write("shape,M,bf16_tflops,ours_tflops,ours_with_quant_tflops,scaled_mm_tflops,scaled_mm_variant,rel_err\n")
+            f.write("shape,M,bf16_tflops,dispatched_tflops,choice,scaled_mm_tflops,triton_tflops,torchao_tflops,"
+                    "rel_err\n")
             for r in rows:
                 f.write(",".join(str(v) for v in r) + "\n")
+    return 0
+
+
+def bench_linear(args) -> int:
+    """FP8Linear (dispatched GEMMs, quantization included) forward + backward vs BF16 nn.Linear, per shape."""
+    import torch
+
+    from deepseek_v3.kernels import FP8Linear
+
+    device, timer, chip = _env(args)
+    shapes, m = args.shapes, args.linear_m
+    if args.smoke:
+        shapes, m = [(256, 256)], 256
+    print(f"device: {chip}  torch {torch.__version__}: FP8Linear vs BF16 nn.Linear, forward + backward, M = {m}")
+    print()
+    print("| K x N (layer) | M | bf16 fwd+bwd (ms) | FP8Linear fwd+bwd (ms) | speed-up | bf16 fwd (ms) "
+          "| FP8 fwd (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.float32)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        dev = device.type
+
+        def step(fp8: bool, backward: bool = True):
+            lin.__class__ = FP8Linear if fp8 else torch.nn.Linear
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                y = lin(x)
+            if backward:
+                y.backward(dy)
+                lin.weight.grad = None
+                x.grad = None
+
+        res = {}
+        for fp8 in (False, True):
+            res[fp8] = (timer(lambda: step(fp8)), timer(lambda: step(fp8, backward=False)))
+        lin.__class__ = torch.nn.Linear
+        print(f"| {k}x{n} ({SHAPES.get(f'{k}x{n}', '')}) | {m} | {res[False][0]:.3f} | {res[True][0]:.3f} "
+              f"| {res[False][0] / res[True][0]:.2f}x | {res[False][1]:.3f} | {res[True][1]:.3f} |",
+              flush=True)  # fmt: skip
     return 0
 
 
@@ -144,16 +229,26 @@ def check_cpu(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=[_parse_shape(s) for s in SHAPES])
+    parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=[_parse_shape(s) for s in DEFAULT_SHAPES])
     parser.add_argument("--m", nargs="+", type=int, default=M_VALUES)
-    parser.add_argument("--csv", help="also write the CUDA results to this CSV file")
+    parser.add_argument("--csv", help="also write the GEMM table to this CSV file")
+    parser.add_argument("--tune", action="store_true", help="measure the dispatch rule for each shape first")
+    parser.add_argument("--linear", action="store_true", help="FP8Linear fwd+bwd vs BF16 instead of the GEMM table")
+    parser.add_argument("--linear-m", type=int, default=8192, help="tokens for --linear")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter: exercise the code")
+    parser.add_argument("--warmup-ms", type=float, default=10.0)
+    parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--check", action="store_true", help="CPU correctness check through the Triton interpreter")
     args = parser.parse_args(argv)
     import torch
 
-    if args.check or not torch.cuda.is_available():
+    if args.check or (not torch.cuda.is_available() and not args.smoke):
+        if args.shapes == [_parse_shape(s) for s in DEFAULT_SHAPES]:
+            args.shapes = [_parse_shape(s) for s in SHAPES]
+        if args.m == M_VALUES:
+            args.m = [1, 16, 64]
         return check_cpu(args)
-    return bench_cuda(args)
+    return bench_linear(args) if args.linear else bench_gemm(args)
 
 
 if __name__ == "__main__":

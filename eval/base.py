@@ -54,10 +54,14 @@ class Task:
 
     def __init__(self, chat: bool = False, num_fewshot: int | None = None, data_dir: str | Path | None = None,
                  ks: Sequence[int] = (1,), timeout: float = 10.0, workers: int | None = None, progress: bool = True):
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        if any(int(k) < 1 for k in ks):
+            raise ValueError(f"pass@k values must be >= 1, got {list(ks)}")
         self.chat = chat
         self.num_fewshot = num_fewshot
         self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.ks = tuple(ks)
+        self.ks = tuple(sorted(set(ks) | {1}))  # pass@1 (the code tasks' primary metric) is always reported
         self.timeout = timeout
         self.workers = workers
         self.progress = progress
@@ -118,8 +122,12 @@ class Task:
 
 def check_scoring_input(task: Task, predictions: Sequence[dict]) -> dict[str, list[str]]:
     """Validate prediction lines (``task_id``, ``completion``) and group completions by task id."""
+    if not predictions:
+        raise ValueError("the predictions are empty: expected one JSON object per line like "
+                         '{"task_id": ..., "completion": ...}')
     by_id = {d["task_id"]: d for d in task.docs()}
     grouped: dict[str, list[str]] = {}
+    indexed: dict[tuple[str, int], int] = {}
     for lineno, pred in enumerate(predictions, 1):
         if not isinstance(pred, dict):
             raise ValueError(f"predictions line {lineno}: expected a JSON object, got {type(pred).__name__}")
@@ -137,7 +145,28 @@ def check_scoring_input(task: Task, predictions: Sequence[dict]) -> dict[str, li
             )
         if not isinstance(pred["completion"], str):
             raise ValueError(f"predictions line {lineno}: 'completion' must be a string, got {type(pred['completion']).__name__}")
+        if "sample_index" in pred:
+            key = (task_id, int(pred["sample_index"]))
+            if key in indexed:
+                raise ValueError(f"predictions lines {indexed[key]} and {lineno} are both task_id {task_id!r} "
+                                 f"sample_index {key[1]}; each sample must appear once")
+            indexed[key] = lineno
         grouped.setdefault(task_id, []).append(pred["completion"])
+    counts = {len(v) for v in grouped.values()}
+    if len(counts) > 1:
+        by_count: dict[int, list[str]] = {}
+        for tid, comps in grouped.items():
+            by_count.setdefault(len(comps), []).append(tid)
+        rare = min(by_count.items(), key=lambda kv: len(kv[1]))
+        raise ValueError(
+            f"task ids have different numbers of predictions ({ {n: len(v) for n, v in sorted(by_count.items())} } "
+            f"ids per count; e.g. {rare[1][:3]} have {rare[0]}): a duplicated line would silently become an extra "
+            "pass@k sample. Give every task id the same number of lines (one per sample)")
+    n = counts.pop()
+    too_big = [k for k in task.ks if k > n]
+    if too_big:
+        raise ValueError(f"pass@{too_big[0]} needs at least {too_big[0]} predictions per task id, the file has {n}; "
+                         f"lower --k or add samples")
     return grouped
 
 

@@ -25,12 +25,39 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="local benchmark copy (layout of ../shared/data, see SOURCES.md); default: the Hugging Face Hub")
     p.add_argument("--k", type=_ks, default=[1], help="pass@k values, comma separated (default: 1)")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-program wall-clock timeout in seconds (code tasks)")
-    p.add_argument("--workers", type=int, default=None, help="parallel sandboxed executions (code tasks)")
+    p.add_argument("--timeout", type=_positive_float, default=10.0,
+                   help="per-program wall-clock timeout in seconds (code tasks)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="parallel sandboxed executions (code tasks)")
+    p.add_argument("--strip-reasoning", choices=["auto", "on", "off"], default="auto",
+                   help="score only the text after the reasoning block (auto: on for chat runs / when a closing tag "
+                        "occurs in the predictions; an unclosed block is no answer)")
+    p.add_argument("--reasoning-tags", default="<think>,</think>", help="OPEN,CLOSE reasoning tags")
+    p.add_argument("--allow-weak-sandbox", action="store_true",
+                   help="run untrusted code even where bubblewrap isolation is unavailable (weaker: see docs/eval.md)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 
@@ -44,8 +71,9 @@ def register(subparsers) -> None:
     run.add_argument("--tasks", required=True, help="comma-separated task names (see `deepseek-v3 eval list`)")
     run.add_argument("--output-dir", required=True, help="results.json and <task>/samples.jsonl go here (resumable)")
     run.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    run.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
-    run.add_argument("--num-samples", "-n", type=int, default=1, help="samples per problem (for pass@k)")
+    run.add_argument("--limit", type=_positive_int, default=None,
+                     help="evaluate only the first N documents of each task")
+    run.add_argument("--num-samples", "-n", type=_positive_int, default=1, help="samples per problem (for pass@k)")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's own budget")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     run.add_argument("--top-p", type=float, default=1.0)
@@ -73,8 +101,28 @@ def register(subparsers) -> None:
     lst.set_defaults(func=list_command)
 
 
+def _sandbox_policy(args) -> None:
+    if getattr(args, "allow_weak_sandbox", False):
+        import os
+
+        from .sandbox import WEAK_ENV
+
+        os.environ[WEAK_ENV] = "1"
+
+
+ERRORS = (KeyError, ValueError, FileNotFoundError, NotADirectoryError, OSError)
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
 def run_command(args) -> int:
-    from .runner import run_evaluation
+    from .reasoning import parse_tags
+    from .runner import json_safe, run_evaluation
+    from .sandbox import SandboxUnavailableError
+
+    _sandbox_policy(args)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -84,9 +132,10 @@ def run_command(args) -> int:
             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, chat=args.chat,
             num_fewshot=args.num_fewshot, seed=args.seed, ks=args.k, timeout=args.timeout, workers=args.workers,
             dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
+            strip_reasoning=args.strip_reasoning, reasoning_tags=parse_tags(args.reasoning_tags),
         )
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (*ERRORS, SandboxUnavailableError) as err:
+        print(f"error: {_message(err)}", file=sys.stderr)
         return 2
     if args.update_card:
         from deepseek_v3.trainers.model_card import add_eval_results
@@ -96,7 +145,7 @@ def run_command(args) -> int:
         except FileNotFoundError as err:  # a hub id, or a directory without a card
             print(f"error: --update-card: {err}", file=sys.stderr)
             return 2
-    print(json.dumps({t: m["score"] for t, m in results["results"].items() if t in tasks}))
+    print(json.dumps(json_safe({t: m["score"] for t, m in results["results"].items() if t in tasks}), allow_nan=False))
     return 0
 
 
@@ -119,19 +168,30 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 def score_command(args) -> int:
     from .base import get_task, score_predictions
+    from .reasoning import parse_tags, resolve_policy
+    from .runner import json_safe
+    from .sandbox import SandboxUnavailableError
 
+    _sandbox_policy(args)
     try:
         task = get_task(args.task, data_dir=args.data_dir, ks=args.k, timeout=args.timeout, workers=args.workers,
                         progress=not args.no_progress)
-        metrics, records = score_predictions(task, read_predictions(args.predictions))
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        predictions = read_predictions(args.predictions)
+        policy = resolve_policy(args.strip_reasoning, parse_tags(args.reasoning_tags),
+                                completions=[p.get("completion") for p in predictions if isinstance(p, dict)
+                                             and isinstance(p.get("completion"), str)])
+        predictions = [{**p, "completion": policy.answer(p["completion"])}
+                       if isinstance(p, dict) and isinstance(p.get("completion"), str) else p for p in predictions]
+        metrics, records = score_predictions(task, predictions)
+        metrics["reasoning"] = policy.describe()
+    except (*ERRORS, SandboxUnavailableError) as err:
+        print(f"error: {_message(err)}", file=sys.stderr)
         return 2
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    print(json.dumps({"task": task.name, **metrics}))
+                f.write(json.dumps(json_safe(rec), ensure_ascii=False) + "\n")
+    print(json.dumps(json_safe({"task": task.name, **metrics}), allow_nan=False))
     return 0
 
 

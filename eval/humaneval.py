@@ -15,8 +15,9 @@ docstring); the model continues the function body. Generation stops at ``\\nclas
 
 Scoring: the program ``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)"`` runs in the sandbox
 (``deepseek_v3.eval.sandbox.run_code``: own process, wall-clock timeout, rlimits, no network, fresh temp dir); a
-sample passes if the program runs to the end. If the completion contains a fenced code block it is used instead, and
-if that code defines ``def <entry_point>(`` at column 0 it is treated as the whole function (appended after the
+sample passes if the program runs to the end. If ``prompt + completion`` is not valid Python and the completion
+contains a fenced code block (a line starting with ```), the block is used instead (a deviation from human-eval,
+which would score it as a syntax error), and if that code defines ``def <entry_point>(`` at column 0 it is treated as the whole function (appended after the
 prompt, so the prompt's imports stay available). Metrics: ``pass@1`` (primary ``score``) and ``pass@k`` with the
 unbiased estimator for every requested ``k <= n`` samples per task.
 """
@@ -28,12 +29,18 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Task, register_task
-from .code_utils import execute_programs, extract_code_block
+from .code_utils import execute_jobs, extract_code_block, parses
 from .data import read_jsonl
 
 
 def build_solution(doc: dict, completion: str) -> str:
-    """The code of the function (prompt + body, or the model's whole function)."""
+    """The code of the function (prompt + body, or the model's whole function).
+
+    Like human-eval, ``prompt + completion`` is the solution whenever it is valid Python (so a body followed by a
+    comment that contains a ``` fence is scored as written). Only when it is not (chat answers with prose around a
+    fenced block) is the longest fenced block used."""
+    if parses(doc["prompt"] + completion):
+        return doc["prompt"] + completion
     block = extract_code_block(completion)
     code = block if block is not None else completion
     if re.search(rf"^(?:async\s+)?def\s+{re.escape(doc['entry_point'])}\s*\(", code, re.MULTILINE):
@@ -69,9 +76,16 @@ class HumanEval(Task):
     def program(self, doc: dict, completion: str) -> str:
         return f"{build_solution(doc, completion)}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
+    def job(self, doc: dict, completion: str) -> dict:
+        """Sandbox job: the solution runs in the candidate process, the tests (with the prompt's helpers) in the
+        judge (``sandbox.run_tests``)."""
+        return {"solution": build_solution(doc, completion), "tests": f"{doc['test']}\n\ncheck({doc['entry_point']})\n",
+                "entry_points": [doc["entry_point"]], "prelude": doc["prompt"],
+                "fallback_inline": self.program(doc, completion)}
+
     def score_batch(self, items: Sequence[tuple[dict, str]]) -> list[dict]:
-        programs = [self.program(doc, c) for doc, c in items]
-        results = execute_programs(programs, self.timeout, self.workers, self.progress, f"{self.name} execution")
+        jobs = [self.job(doc, c) for doc, c in items]
+        results = execute_jobs(jobs, self.timeout, self.workers, self.progress, f"{self.name} execution")
         for (doc, c), res in zip(items, results):
             res["extracted"] = build_solution(doc, c)[len(doc["prompt"]):]
         return results

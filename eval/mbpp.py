@@ -25,8 +25,9 @@ Prompt (default, 3-shot with tasks 2, 3, 4, the format of the MBPP paper / DeepS
 Generation stops at ``[DONE]``. Prompt (``--chat``): the same task description and tests in a user message, asking
 for the function in a ```python code block.
 
-Scoring: ``solution + test_setup_code + test_list`` (asserts) runs in the sandbox; the setup code goes after the
-solution because tasks 367 and 927 build their test data with a class the solution defines. A fenced code block in
+Scoring: the solution runs in the sandbox's candidate process and ``test_setup_code + test_list`` (asserts) in its
+judge (``sandbox.run_tests``), after the solution is loaded because tasks 367 and 927 build their test data with a
+class the solution defines (its objects stay in the candidate, see the sandbox docstring). A fenced code block in
 the completion is used when present; ``[BEGIN]`` / ``[DONE]`` markers are stripped. Metrics: ``pass@1`` (primary
 ``score``) and ``pass@k``.
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Task, register_task
-from .code_utils import execute_programs, extract_code_block
+from .code_utils import execute_jobs, extract_code_block, split_test_names, top_level_names
 from .data import load_hub, read_jsonl
 
 FEWSHOT_IDS = (2, 3, 4)
@@ -102,9 +103,20 @@ class MBPP(Task):
         tests = "\n".join(doc["test_list"])
         return f"{extract_solution(completion)}\n\n{doc.get('test_setup_code') or ''}\n\n{tests}\n"
 
+    def job(self, doc: dict, completion: str) -> dict | str:
+        """Sandbox job: the setup code and tests run in the judge, calling the solution's functions and classes
+        (``sandbox.run_tests``; task 367 builds its trees from the solution's ``Node``, kept in the candidate)."""
+        tests = f"{doc.get('test_setup_code') or ''}\n" + "\n".join(doc["test_list"]) + "\n"
+        names = split_test_names(tests, sorted(top_level_names(doc.get("code") or "")))
+        if names is None:
+            return self.program(doc, completion)
+        entry, modules = names
+        return {"solution": extract_solution(completion), "tests": tests, "entry_points": entry,
+                "prelude": "".join(f"import {m}\n" for m in modules), "fallback_inline": self.program(doc, completion)}
+
     def score_batch(self, items: Sequence[tuple[dict, str]]) -> list[dict]:
-        programs = [self.program(doc, c) for doc, c in items]
-        results = execute_programs(programs, self.timeout, self.workers, self.progress, f"{self.name} execution")
+        jobs = [self.job(doc, c) for doc, c in items]
+        results = execute_jobs(jobs, self.timeout, self.workers, self.progress, f"{self.name} execution")
         for (doc, c), res in zip(items, results):
             res["extracted"] = extract_solution(c)
         return results

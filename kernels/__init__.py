@@ -3,6 +3,8 @@ checkpoint conversion. Triton is optional: every op falls back to its torch refe
 
 - ``fp8_quant``:      act_quant (1x128 / 128x1), weight_quant / weight_dequant (128x128)
 - ``fp8_gemm``:       fp8_gemm (block-scaled, FP32 accumulation), fp8_grouped_gemm (MoE experts)
+- ``fp8_dispatch``:   per-shape choice among cuBLAS block-wise scaled_mm, torchao, our Triton kernel, the reference
+- ``rule_cache``:     the JSON rule cache (measured per chip / torch / shape) shared by the dispatch and MLA decode
 - ``fp8_linear``:     FP8Linear + autograd Functions (Fprop / Dgrad / Wgrad in FP8)
 - ``fp8_training``:   enable_fp8(model) / FP8TrainingCallback -- the training switch
 - ``fp8_checkpoint``: FP8 <-> BF16 checkpoint conversion and FP8-checkpoint loading

@@ -4,7 +4,11 @@
     deepseek-v3 convert bf16-to-fp8 SRC DST
 
 One shard is held in memory at a time; the index (``model.safetensors.index.json``) and ``config.json``
-(``quantization_config`` added / removed) are rewritten and every other file is copied.
+(``quantization_config`` added / removed) are rewritten and every other file is copied. The result is written to a
+temporary directory next to DST and moved into place when complete: a failure leaves no partial DST. With
+``--overwrite`` the weight files of DST that the new checkpoint does not list (e.g. an old ``model.safetensors``)
+are removed. A truncated / corrupt shard, a malformed index, a float8 tensor without its scale or a DST that is a
+file give an error naming the file.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ def run(args) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"deepseek-v3 convert: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as err:
+        print(f"deepseek-v3 convert: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     print(f"wrote {dst}")
     return 0

@@ -19,6 +19,7 @@ copies every other file (tokenizer, generation config, ...).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -112,24 +113,130 @@ def dequantize_state_dict(
             if scale is None and get_scale is not None:
                 scale = get_scale(name + SCALE_SUFFIX)
             if scale is None:
-                raise KeyError(f"{name} is float8 but {name}{SCALE_SUFFIX} is missing from the checkpoint")
+                raise KeyError(f"{name} is float8 but {name}{SCALE_SUFFIX} is missing from the checkpoint; it is "
+                               "incomplete: re-download it or re-create it with `deepseek-v3 convert bf16-to-fp8`")
             out[name] = weight_dequant(t, scale.float(), dtype, backend=backend)
         else:
             out[name] = t
     return out
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or inconsistent (the message names the file and the fix)."""
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's header, checking that the
+    file is complete (a truncated or random file raises :class:`CheckpointError` naming it)."""
+    fix = "the file is truncated or not a safetensors file; re-download or re-save the checkpoint"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: only {size} bytes, no safetensors header; {fix}")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} does not fit in the file ({size} bytes); {fix}")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({err}); {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header; {fix}")
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: tensors need {8 + n + end} bytes but the file has {size}; {fix}")
+    return header
+
+
 def _read_index(src: Path) -> tuple[dict[str, str], dict]:
     index_file = src / INDEX_NAME
     if index_file.exists():
-        index = json.loads(index_file.read_text())
-        return dict(index["weight_map"]), index.get("metadata", {})
+        try:
+            index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index_file} is not valid JSON ({err}); fix or re-download the index") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file} has no 'weight_map' object of tensor name -> shard file name; fix "
+                                  "or re-download the index")
+        missing = sorted({v for v in weight_map.values() if not (src / v).is_file()})
+        if missing:
+            raise CheckpointError(f"{index_file} lists shard(s) {missing[:3]} that are not in {src}")
+        metadata = index.get("metadata", {})
+        return dict(weight_map), metadata if isinstance(metadata, dict) else {}
     if (src / SINGLE_NAME).exists():
-        from safetensors import safe_open
-
-        with safe_open(src / SINGLE_NAME, framework="pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}, {}
+        return {k: SINGLE_NAME for k in read_safetensors_header(src / SINGLE_NAME)}, {}
     raise FileNotFoundError(f"{src} holds neither {INDEX_NAME} nor {SINGLE_NAME}; is it a safetensors checkpoint?")
+
+
+def check_fp8_scales(directory: str | Path) -> None:
+    """Raise :class:`CheckpointError` when a float8 tensor of the checkpoint in ``directory`` has no
+    ``weight_scale_inv`` companion (loading it would silently use raw e4m3 values as weights), or a shard is
+    truncated. Reads only the safetensors headers."""
+    directory = Path(directory)
+    weight_map, _ = _read_index(directory)
+    missing: dict[str, list[str]] = {}
+    for shard in sorted(set(weight_map.values())):
+        for name, info in read_safetensors_header(directory / shard).items():
+            if info.get("dtype") in ("F8_E4M3", "F8_E5M2") and name + SCALE_SUFFIX not in weight_map:
+                missing.setdefault(shard, []).append(name)
+    if missing:
+        shard, names = next(iter(missing.items()))
+        total = sum(len(v) for v in missing.values())
+        raise CheckpointError(
+            f"{directory / shard}: float8 tensor {names[0]!r} has no {names[0] + SCALE_SUFFIX!r} ({total} float8 "
+            f"tensor(s) without a scale in {sorted(missing)}); the checkpoint is incomplete: re-download it or "
+            "re-create it with `deepseek-v3 convert bf16-to-fp8`")
+
+
+def check_fp8_checkpoint_before_load(pretrained_model_name_or_path) -> None:
+    """For ``from_pretrained``: when the argument is a local FP8 checkpoint (``quantization_config.quant_method ==
+    "fp8"``), refuse it if a float8 tensor has no scale (see :func:`check_fp8_scales`); anything else is left to
+    transformers. transformers dequantizes on CPU only the weights it has scales for, so without this check a missing
+    non-expert scale (q_a_proj, kv_b_proj, o_proj, dense MLP, shared experts) loads raw e4m3 values as weights."""
+    path = Path(str(pretrained_model_name_or_path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        qc = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(qc, dict) and qc.get("quant_method") == "fp8":
+        check_fp8_scales(path)
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    read_safetensors_header(path)
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path} could not be read ({err}); the file is corrupt: re-download it") from None
+
+
+def _place(tmp: Path, dst: Path, new_files: set[str]) -> None:
+    """Move the finished conversion ``tmp`` to ``dst``: a rename when ``dst`` is new or empty; otherwise the new
+    files replace the old ones one by one and every weight file / index that the new checkpoint does not have is
+    removed (so from_pretrained cannot pick up a stale ``model.safetensors`` or shard)."""
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+        return
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, dst / f.name)
+    for f in dst.iterdir():
+        if f.is_file() and f.name not in new_files and (f.name.endswith(WEIGHT_SUFFIXES) or f.name in WEIGHT_INDEXES):
+            f.unlink()
+    tmp.rmdir()
 
 
 def convert_checkpoint(
@@ -144,9 +251,14 @@ def convert_checkpoint(
     """Convert a safetensors checkpoint directory ``src`` -> ``dst``.
 
     ``direction``: ``"fp8-to-bf16"`` (dequantize; ``dtype`` chooses bf16/fp16/fp32) or ``"bf16-to-fp8"``
-    (quantize). One shard is held in memory at a time."""
+    (quantize). One shard is held in memory at a time. Everything is written to a temporary directory next to
+    ``dst`` and moved into place at the end, so a failure (truncated shard, missing scale, full disk) leaves no
+    partial destination; with ``overwrite`` every weight file of ``dst`` that the new index does not list is
+    removed."""
+    import tempfile
+
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if direction not in ("fp8-to-bf16", "bf16-to-fp8"):
@@ -154,18 +266,28 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint directory {src} does not exist")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"destination {dst} is a file, not a directory; choose a directory path for DST")
     if src.resolve() == dst.resolve():
         raise ValueError("SRC and DST must be different directories")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty; choose another DST or pass overwrite=True (--overwrite)")
     weight_map, metadata = _read_index(src)
-    config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else None
+    config = None
+    if (src / "config.json").exists():
+        try:
+            config = json.loads((src / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{src / 'config.json'} is not valid JSON ({err})") from None
     if direction == "fp8-to-bf16":
         if config is not None and config.get("quantization_config"):
             check_quantization_config(config["quantization_config"])
+        check_fp8_scales(src)
     elif config is not None and config.get("quantization_config"):
         raise ValueError(f"{src}/config.json already has a quantization_config; it is already quantized")
-    dst.mkdir(parents=True, exist_ok=True)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:  # fail on a truncated shard before writing anything
+        read_safetensors_header(src / shard)
 
     def get_scale(name: str) -> torch.Tensor | None:
         shard = weight_map.get(name)
@@ -174,36 +296,44 @@ def convert_checkpoint(
         with safe_open(src / shard, framework="pt") as f:
             return f.get_tensor(name)
 
-    shards = sorted(set(weight_map.values()))
-    new_map: dict[str, str] = {}
-    total_size = 0
-    for shard in tqdm(shards, desc=f"convert {direction}", unit="shard", disable=not progress):
-        tensors = load_file(src / shard)
-        if direction == "fp8-to-bf16":
-            tensors = dequantize_state_dict(tensors, dtype, get_scale=get_scale, backend=backend)
-        else:
-            tensors = quantize_state_dict(tensors, backend=backend)
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, dst / shard, metadata={"format": "pt"})
-        for k, v in tensors.items():
-            new_map[k] = shard
-            total_size += v.numel() * v.element_size()
-        del tensors
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        new_map: dict[str, str] = {}
+        total_size = 0
+        for shard in tqdm(shards, desc=f"convert {direction}", unit="shard", disable=not progress):
+            tensors = _load_shard(src / shard)
+            if direction == "fp8-to-bf16":
+                tensors = dequantize_state_dict(tensors, dtype, get_scale=get_scale, backend=backend)
+            else:
+                tensors = quantize_state_dict(tensors, backend=backend)
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            save_file(tensors, tmp / shard, metadata={"format": "pt"})
+            for k, v in tensors.items():
+                new_map[k] = shard
+                total_size += v.numel() * v.element_size()
+            del tensors
 
-    if (src / INDEX_NAME).exists():
-        index = {"metadata": {**metadata, "total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
-        (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    if config is not None:
-        if direction == "fp8-to-bf16":
-            config.pop("quantization_config", None)
-            config["dtype"] = str(dtype).removeprefix("torch.")
-            config.pop("torch_dtype", None)
-        else:
-            config["quantization_config"] = fp8_quantization_config()
-        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for f in src.iterdir():
-        if f.is_file() and f.name not in shards and f.name not in (INDEX_NAME, "config.json"):
-            shutil.copy2(f, dst / f.name)
+        if (src / INDEX_NAME).exists():
+            index = {"metadata": {**metadata, "total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if config is not None:
+            if direction == "fp8-to-bf16":
+                config.pop("quantization_config", None)
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                config.pop("torch_dtype", None)
+            else:
+                config["quantization_config"] = fp8_quantization_config()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in src.iterdir():
+            if f.is_file() and f.name not in shards and f.name not in (INDEX_NAME, "config.json"):
+                if f.name.endswith(WEIGHT_SUFFIXES) or f.name in WEIGHT_INDEXES:
+                    continue  # a weight file the index does not list (stale): not part of the checkpoint
+                shutil.copy2(f, tmp / f.name)
+        _place(tmp, dst, {f.name for f in tmp.iterdir()})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

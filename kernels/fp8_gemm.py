@@ -17,9 +17,11 @@ partial product may differ (FP32 rounding, ~1e-7 relative).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ._triton_utils import HAS_TRITON, resolve_backend, tl, triton
+from ._triton_utils import BACKEND_ENV, HAS_TRITON, resolve_backend, tl, triton
 from .fp8_quant import BLOCK_SIZE, FP8_DTYPE, _cdiv
 
 if HAS_TRITON:
@@ -242,6 +244,14 @@ def _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _dispatch_auto(a: torch.Tensor, backend: str | None) -> bool:
+    """True for ``backend=None/"auto"`` (and no ``$DEEPSEEK_V3_FP8_BACKEND`` override) on CUDA tensors: the GEMM
+    goes through the per-shape rule of ``fp8_dispatch``."""
+    if backend not in (None, "auto") or not a.is_cuda:
+        return False
+    return (os.environ.get(BACKEND_ENV, "auto") or "auto") == "auto"
+
+
 def fp8_gemm(
     a: torch.Tensor,
     a_s: torch.Tensor,
@@ -250,10 +260,22 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``c = (a * a_s) @ (b * b_s).T`` with FP8 inputs, FP32 accumulation promoted every 128 of K."""
+    """``c = (a * a_s) @ (b * b_s).T`` with FP8 inputs, FP32 accumulation promoted every 128 of K.
+
+    ``backend``: ``"torch"`` (reference), ``"triton"`` (our kernel), ``"scaled_mm"`` / ``"torchao"`` (one candidate
+    of ``fp8_dispatch``, directly), or ``None``/``"auto"``: on CUDA the per-shape rule of ``fp8_dispatch`` (cuBLAS
+    block-wise, torchao or our Triton kernel, whichever the rule picks), elsewhere the torch reference."""
     M, N, K = _check_operands(a, a_s, b, b_s, out_dtype)
     if M == 0 or N == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=a.device)
+    if backend in ("scaled_mm", "torchao"):
+        from .fp8_dispatch import run_direct
+
+        return run_direct(backend, a, a_s, b, b_s, out_dtype)
+    if _dispatch_auto(a, backend):
+        from .fp8_dispatch import GEMM
+
+        return GEMM(a, a_s, b, b_s, out_dtype)
     if resolve_backend(a, backend) == "triton":
         return _fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
     return fp8_gemm_torch(a, a_s, b, b_s, out_dtype)
@@ -280,6 +302,10 @@ def fp8_grouped_gemm(
         raise ValueError(f"offs must be 1-D with one entry per expert ({b.shape[0]}), got shape {tuple(offs.shape)}")
     if offs.numel() and int(offs[-1]) > M:
         raise ValueError(f"offs[-1]={int(offs[-1])} exceeds the number of rows of a ({M})")
+    if _dispatch_auto(a, backend):
+        from .fp8_dispatch import GROUPED_GEMM
+
+        return GROUPED_GEMM(a, a_s, b, b_s, offs, out_dtype)
     if resolve_backend(a, backend) == "triton":
         return _fp8_grouped_gemm_triton(a, a_s, b, b_s, offs, out_dtype)
     return fp8_grouped_gemm_torch(a, a_s, b, b_s, offs, out_dtype)

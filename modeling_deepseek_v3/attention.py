@@ -146,10 +146,15 @@ class DeepseekV3Attention(nn.Module):
         return query_len * (2 * r - self.qk_nope_head_dim - self.v_head_dim) < r * (self.qk_nope_head_dim + self.v_head_dim)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy)."""
-        if self.kv_b_proj.weight.element_size() < 2:
+        """kv_b_proj.weight [H * (dn + dv), r] split into W_UK [H, dn, r] and W_UV [H, dv, r] (views, no copy).
+
+        Under tensor parallelism kv_b_proj's rows are split by head (colwise): this rank's shard holds its H/tp heads."""
+        weight = self.kv_b_proj.weight
+        if weight.element_size() < 2:
             raise ValueError("absorbed MLA needs kv_b_proj's weight in a 16/32-bit float dtype, not stored as FP8")
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        if hasattr(weight, "to_local"):  # a DTensor (tensor parallel): this rank's heads
+            weight = weight.to_local()
+        w = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def absorbed_attention(
@@ -181,16 +186,16 @@ class DeepseekV3Attention(nn.Module):
         else:
             o_lat = absorbed_attention_torch(q_lat, q_pe, c_kv, k_pe, self.scaling, bias)  # [B, H, S, r]
         out = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
-        return out.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        return out.reshape(batch, seq, -1)  # [B, S, H * dv], this rank's heads under tensor parallelism
 
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, S, hidden] -> [B, H, S, dn + dr]."""
+        """[B, S, hidden] -> [B, H, S, dn + dr] (H = this rank's heads under tensor parallelism)."""
         batch, seq = hidden_states.shape[:2]
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        return q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        return q.view(batch, seq, -1, self.qk_head_dim).transpose(1, 2)
 
     def compress_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S, hidden] -> normalized latent c_kv [B, 1, S, r] and (un-rotated) rope key k_pe [B, 1, S, dr]."""
@@ -200,11 +205,14 @@ class DeepseekV3Attention(nn.Module):
         return c_kv.view(batch, 1, seq, self.kv_lora_rank), k_pe.view(batch, 1, seq, self.qk_rope_head_dim)
 
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent [B, 1, T, r] + rope key [B, 1, T, dr] -> keys [B, H, T, dn + dr], values [B, H, T, dv]."""
+        """Latent [B, 1, T, r] + rope key [B, 1, T, dr] -> keys [B, H, T, dn + dr], values [B, H, T, dv].
+
+        H is read from kv_b_proj's output: under tensor parallelism (colwise kv_b_proj) each rank expands its heads."""
         batch, _, length, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv.squeeze(1)).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        kv = self.kv_b_proj(c_kv.squeeze(1)).view(batch, length, -1, self.qk_nope_head_dim + self.v_head_dim)
+        kv = kv.transpose(1, 2)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        key = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        key = torch.cat((k_nope, k_pe.expand(-1, kv.shape[1], -1, -1)), dim=-1)
         return key, value
 
     def forward(
@@ -260,5 +268,5 @@ class DeepseekV3Attention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(batch, seq, self.num_heads * self.v_head_dim)
+        attn_output = attn_output.reshape(batch, seq, -1)  # this rank's heads under tensor parallelism
         return self.o_proj(attn_output), (attn_weights if kwargs.get("output_attentions") else None)

@@ -58,7 +58,16 @@ class DeepseekV3Config(PreTrainedConfig):
         "num_local_experts": "n_routed_experts",
         "num_mtp_layers": "num_nextn_predict_layers",
     }
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): MLA splits its heads (q_b_proj / q_proj and
+    # kv_b_proj by output rows, o_proj by input columns; the low-rank q_a_proj and the shared latent stay
+    # replicated, the rope key's gradient is summed by `mla_kv_a_proj`), the dense MLP, the shared experts and each
+    # routed expert split their intermediate dim. transformers adds `embed_tokens` and, from `_tp_plan`, `lm_head`.
     base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
@@ -68,6 +77,14 @@ class DeepseekV3Config(PreTrainedConfig):
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
+    }
+    # Expert parallelism (`DistributedConfig(ep_size=...)`): whole routed experts per rank (expert dim sharded),
+    # tokens dispatched to their expert's rank by transformers' EP implementation; the router, the shared experts
+    # and attention stay replicated (or follow the TP plan).
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

@@ -7,6 +7,15 @@ count under gradient accumulation / data parallelism), `ignore_index` and `shift
 passes the already shifted targets) mean what they mean for every transformers model. The MTP depth-k loss targets
 token t+k+1 at position t: the (shifted) targets moved k further, with the same loss kwargs. A depth with no target
 at all (a sequence of 2 tokens, or a single label at its end) contributes 0, not 0/0.
+
+Data parallelism and gradient accumulation. With `num_items_in_batch` (the targets of the whole optimizer step, all
+micro-batches and, with `average_tokens_across_devices`, all ranks) every term must be this micro-batch's share of
+the step's loss, because Trainer sums the micro-batches and multiplies by the world size before DDP / FSDP /
+ZeRO average the gradients. The main and MTP terms are sums over targets / num_items_in_batch. The balance loss is a
+mean over the micro-batch's sequences: it enters as balance_loss * (this micro-batch's targets / num_items_in_batch),
+so the step's balance term is the target-weighted mean of the micro-batch values -- the balance loss of the whole
+step when micro-batches hold equally many targets (packed pre-training sequences), and in any case counted once,
+not once per rank and micro-batch as an unscaled per-micro-batch mean would be.
 """
 
 import torch
@@ -50,7 +59,8 @@ def causal_lm_loss(
     balance_loss: torch.Tensor | None,
     **loss_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """-> (total loss, main loss, mean MTP loss or None)."""
+    """-> (total loss, main loss, mean MTP loss or None). The balance loss is scaled to this micro-batch's share of
+    `num_items_in_batch` when that is given (see the module docstring)."""
     main_loss = loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
     loss = main_loss
     mtp_loss = None
@@ -62,5 +72,16 @@ def causal_lm_loss(
         mtp_loss = torch.stack(depth_losses).mean()
         loss = loss + mtp_loss_weight * mtp_loss
     if balance_loss is not None:
-        loss = loss + balance_loss.to(loss.dtype)
+        balance = balance_loss.to(loss.dtype)
+        num_items = loss_kwargs.get("num_items_in_batch")
+        if num_items is not None:
+            balance = balance * (count_targets(labels, **loss_kwargs) / num_items)
+        loss = loss + balance
     return loss, main_loss, mtp_loss
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None, **_) -> torch.Tensor:
+    """The next-token targets of this batch, counted as Trainer counts `num_items_in_batch` (labels[:, 1:], or the
+    already shifted `shift_labels`)."""
+    targets = shift_labels if shift_labels is not None else labels[:, 1:]
+    return (targets != ignore_index).sum()

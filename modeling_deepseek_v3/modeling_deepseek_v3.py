@@ -92,6 +92,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         else:  # nn.Linear (normal, zero bias), nn.Embedding (normal), RMSNorm (ones)
             super()._init_weights(module)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after refusing a local FP8 checkpoint in which a float8 tensor has no
+        `weight_scale_inv` (transformers would load its raw e4m3 values as weights on CPU)."""
+        from .kernels.fp8_checkpoint import check_fp8_checkpoint_before_load
+
+        check_fp8_checkpoint_before_load(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def _ignore_layers_beyond_mtp(self):
         """A checkpoint may hold more MTP layers than this config uses (e.g. num_nextn_predict_layers=0)."""
         first_unused = self.config.num_hidden_layers + self.config.num_nextn_predict_layers
@@ -256,6 +265,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # used twice per training forward (main + MTP heads)
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
@@ -366,16 +376,30 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """Also writes the MTP layers' copies of the shared embedding and head (`model.layers.{N}.embed_tokens.weight`,
-        `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them."""
-        if self.config.num_nextn_predict_layers and state_dict is None:
+        `model.layers.{N}.shared_head.head.weight`), as in the published checkpoints, so engines find them; also into a
+        `state_dict` passed in (the full weights FSDP / ZeRO-3 gather for the final save) and into the one
+        transformers gathers itself for a model it sharded (`gather_sharded_state_dict_for_save`)."""
+        if state_dict is None and self.config.num_nextn_predict_layers:
             state_dict = self.state_dict()
-            embed = state_dict["model.embed_tokens.weight"]
-            head = state_dict.get("lm_head.weight", embed)
-            for k in range(self.config.num_nextn_predict_layers):
-                prefix = f"model.layers.{self.config.num_hidden_layers + k}."
-                state_dict[prefix + MTP_SHARED_COPIES[0]] = embed.detach().clone()
-                state_dict[prefix + MTP_SHARED_COPIES[1]] = head.detach().clone()
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        return super().save_pretrained(save_directory, *args, state_dict=self._with_mtp_copies(state_dict), **kwargs)
+
+    def gather_sharded_state_dict_for_save(self, *args, **kwargs):
+        # FSDP-sharded by `from_pretrained(distributed_config=...)`: transformers gathers the weights anew for saving
+        return self._with_mtp_copies(super().gather_sharded_state_dict_for_save(*args, **kwargs))
+
+    def _with_mtp_copies(self, state_dict):
+        """`state_dict` plus each MTP layer's copies of the embedding and head; a rank that holds no tensors (a
+        gathered dict is empty off the main process) gets its dict back unchanged."""
+        if not self.config.num_nextn_predict_layers or not state_dict or "model.embed_tokens.weight" not in state_dict:
+            return state_dict
+        state_dict = dict(state_dict)
+        embed = state_dict["model.embed_tokens.weight"]
+        head = state_dict.get("lm_head.weight", embed)
+        for k in range(self.config.num_nextn_predict_layers):
+            prefix = f"model.layers.{self.config.num_hidden_layers + k}."
+            state_dict[prefix + MTP_SHARED_COPIES[0]] = embed.detach().clone()
+            state_dict[prefix + MTP_SHARED_COPIES[1]] = head.detach().clone()
+        return state_dict
 
 
 class DeepseekV3ForSequenceClassification(GenericForSequenceClassification, DeepseekV3PreTrainedModel):

@@ -263,7 +263,8 @@ class DeepseekV3MoE(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        if self.experts.gate_up_proj.is_meta:
+        # any parameter: adapter wrappers (peft's ParamWrapper) hold the experts' weights without exposing them
+        if any(parameter.is_meta for parameter in self.experts.parameters()):
             raise RuntimeError(EXPERTS_ON_META)
         batch, seq, dim = hidden_states.shape
         flat = hidden_states.reshape(-1, dim)

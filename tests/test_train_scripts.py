@@ -174,11 +174,22 @@ def test_every_recipe_parses(recipe):
     from deepseek_v3.trainers.grpo import GRPOScriptArguments
     from deepseek_v3.trainers.sft import SFTScriptArguments
 
+    from trl import DistillationConfig, RewardConfig
+
+    from deepseek_v3.trainers.distill import requested_mode
+    from deepseek_v3.trainers.distill_logits import LogitDistillScriptArguments
+    from deepseek_v3.trainers.reward_model import RewardScriptArguments
+
+    script = recipe.split("_")[0]
+    if script == "distill" and requested_mode(["--config", str(REPO / "recipes" / recipe)]) == "logits":
+        script = "distill_logits"
     classes = {
         "sft": (SFTScriptArguments, SFTConfig),
         "grpo": (GRPOScriptArguments, GRPOConfig),
         "distill": (DistillScriptArguments, SFTConfig),
-    }[recipe.split("_")[0]]
+        "distill_logits": (LogitDistillScriptArguments, DistillationConfig),
+        "reward": (RewardScriptArguments, RewardConfig),
+    }[script]
     import torch
 
     cpu_overrides = [] if torch.cuda.is_available() else ["--bf16", "false"]  # GPU recipes say bf16: true

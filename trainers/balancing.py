@@ -141,8 +141,8 @@ def find_routers(model: nn.Module) -> list[RouterInfo]:
     num_main = getattr(config, "num_hidden_layers", None)
     routers = []
     for position, (name, module) in enumerate(inner.named_modules()):
-        if not isinstance(module, DeepseekV3TopkRouter):
-            continue
+        if not isinstance(module, DeepseekV3TopkRouter) or ".original_module" in name:
+            continue  # (peft `modules_to_save` keeps the untrained router as `original_module`; its copy runs)
         match = _LAYER_RE.search(name)
         layer_idx = int(match.group(1)) if match else position
         is_mtp = num_main is not None and layer_idx >= num_main

@@ -1,4 +1,4 @@
-"""`deepseek-v3 train {sft,grpo,distill} --config recipes/<recipe>.yaml [--key value ...]`.
+"""`deepseek-v3 train {sft,grpo,distill,reward} --config recipes/<recipe>.yaml [--key value ...]`.
 
 Arguments are TRL's (`SFTConfig`, `GRPOConfig`) plus the script's dataclass fields; a YAML recipe passed with
 `--config` supplies defaults that command-line flags override (TRL's `TrlParser`).
@@ -10,7 +10,8 @@ import importlib
 SCRIPTS = {
     "sft": ("deepseek_v3.trainers.sft", "supervised fine-tuning (TRL SFTTrainer)"),
     "grpo": ("deepseek_v3.trainers.grpo", "R1-style GRPO with rule rewards (TRL GRPOTrainer)"),
-    "distill": ("deepseek_v3.trainers.distill", "teacher traces + rejection sampling + SFT of a student"),
+    "reward": ("deepseek_v3.trainers.reward_model", "reward model on preference pairs (TRL RewardTrainer)"),
+    "distill": ("deepseek_v3.trainers.distill", "--mode trace: teacher traces + rejection sampling + SFT; --mode logits: TRL DistillationTrainer"),
 }
 
 

@@ -48,6 +48,11 @@ class TrainingExtrasArguments:
         default=False,
         metadata={"help": "DeepSeek-V3 block-wise FP8 matmuls (1x128 activations, 128x128 weights), FP32 masters"},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "train into an output_dir that already holds checkpoints (they are overwritten) instead "
+                          "of refusing; use --resume_from_checkpoint to continue them"},
+    )
 
 
 def training_callbacks(args: TrainingExtrasArguments) -> list:
@@ -114,9 +119,60 @@ def to_conversation(prompt: str, system_prompt: str | None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
+OPTIMIZER_STATE_FILES = ("optimizer.pt", "optimizer.bin")  # Trainer's names; FSDP / DeepSpeed keep directories
+
+
+def _has_optimizer_state(checkpoint: str) -> bool:
+    names = os.listdir(checkpoint)
+    return any(n in OPTIMIZER_STATE_FILES or n.startswith(("optimizer_", "global_step")) for n in names)
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str, overwrite_output_dir: bool = False) -> str | None:
+    """The checkpoint to resume from, with Trainer's conventions made explicit and the silent failure modes refused.
+
+    - ``true`` / ``last`` (any case) = the last ``checkpoint-*`` in ``output_dir`` (Trainer's convention for
+      ``True``); an error when there is none;
+    - a checkpoint without optimizer state (``optimizer.pt``) is refused: Trainer would resume the step count and
+      schedule with a fresh optimizer (Adam moments reset) without a word;
+    - without resuming, an ``output_dir`` that already holds checkpoints is refused unless ``overwrite_output_dir``
+      (they would be overwritten one by one).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = resume_from_checkpoint
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "none", "no"):
+        value = None
+    if value is None:
+        if os.path.isdir(output_dir) and not overwrite_output_dir and get_last_checkpoint(output_dir) is not None:
+            raise ValueError(
+                f"output_dir {output_dir} already holds checkpoints ({os.path.basename(get_last_checkpoint(output_dir))}"
+                "...); pass --resume_from_checkpoint true to continue the last one, --overwrite_output_dir true to "
+                "start over in it, or choose another --output_dir")
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "last", "yes")):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* directory in output_dir {output_dir}; "
+                             "give a checkpoint path or train without resuming")
+        value = last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: not a directory (use a checkpoint-* path or 'true' for "
+                         f"the last checkpoint in {output_dir})")
+    if not _has_optimizer_state(value):
+        raise ValueError(
+            f"checkpoint {value} has no optimizer state ({' / '.join(OPTIMIZER_STATE_FILES)}): resuming would restart "
+            "Adam from zero at the saved step. Resume from a checkpoint saved with its optimizer, or start a new run "
+            "from its weights with --model_name_or_path " + str(value))
+    return value
+
+
 def run_training(script_arguments_class, training_config_class, build_trainer, argv: list[str] | None = None):
     """Parse `--config recipe.yaml` + flags into (script args, TRL config), build the trainer, train (resuming
-    from `resume_from_checkpoint` when set) and save the final model to `output_dir`."""
+    from `resume_from_checkpoint` when set, see `resolve_resume`) and save the final model to `output_dir`.
+
+    The seed (`--seed`) is set before the model is built, so a randomly initialised model (`tiny`) is the same in
+    two runs with the same seed."""
+    from transformers import set_seed
     from trl import TrlParser
 
     parser = TrlParser((script_arguments_class, training_config_class))
@@ -126,13 +182,23 @@ def run_training(script_arguments_class, training_config_class, build_trainer, a
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     if push_to_hub and (training_args.hub_model_id or "").count("/") != 1:
         raise ValueError(f"push_to_hub: true needs hub_model_id: ORG/NAME (got {training_args.hub_model_id!r})")
-    trainer = build_trainer(script_args, training_args)
+    from .distributed import check_engine, save_final_model
     from .model_card import card_from_trainer
 
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                            getattr(script_args, "overwrite_output_dir", False))
+    set_seed(training_args.seed)
+    trainer = build_trainer(script_args, training_args)
+    check_engine(trainer)
     pipeline = f"{training_config_class.__name__.removesuffix('Config')} training run"
     trainer.create_model_card = lambda *args, **kwargs: card_from_trainer(trainer, script_args, argv, pipeline)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    save_final_model(trainer, training_args.output_dir)  # full weights also from FSDP's sharded state dict
+    if getattr(script_args, "use_peft", False) and trainer.is_world_process_zero():
+        from .lora import save_lora_outputs  # adapter saved above; now lora_targets.json + merged/
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_lora_outputs(model, training_args.output_dir, trainer.processing_class, fp8=script_args.load_in_fp8)
     if trainer.is_world_process_zero():
         card_from_trainer(trainer, script_args, argv, pipeline)
         if push_to_hub:

@@ -1,8 +1,10 @@
-"""R1-style distillation: a teacher writes reasoning traces, a rule reward keeps the correct ones (rejection
+"""R1-style distillation (`--mode trace`, the default): a teacher writes reasoning traces, a rule reward keeps the correct ones (rejection
 sampling, as for DeepSeek-R1's 800k SFT samples), and the student is fine-tuned on them with `DeepseekV3SFTTrainer` (next-token + MTP loss).
 
 Traces are appended to `traces_file` (jsonl) as soon as each batch is generated, so an interrupted run resumes
 where it stopped.
+
+`--mode logits` runs logit distillation on TRL's `DistillationTrainer` instead (`trainers/distill_logits.py`).
 """
 
 import json
@@ -22,11 +24,13 @@ from .common import (
     run_training,
     training_callbacks,
 )
+from .lora import LoraArguments, maybe_apply_lora
 from .rewards import R1_SYSTEM_PROMPT, get_reward_funcs
 
 
 @dataclass
-class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
+class DistillScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments, LoraArguments):
+    mode: str = field(default="trace", metadata={"help": "trace (teacher traces + SFT) or logits (TRL DistillationTrainer)"})
     teacher_name_or_path: str = field(default="tiny", metadata={"help": "checkpoint / hub id of the teacher"})
     num_samples_per_prompt: int = 1
     max_new_tokens: int = 512
@@ -136,6 +140,7 @@ def build_distill_trainer(script_args: DistillScriptArguments, training_args):
     traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
     generate_traces(script_args, traces_file)
     student, tokenizer = load_model_and_tokenizer(script_args)
+    student = maybe_apply_lora(student, script_args, tokenizer, training_args.output_dir)
     return _sft_trainer_class()(
         model=student,
         args=training_args,
@@ -145,7 +150,38 @@ def build_distill_trainer(script_args: DistillScriptArguments, training_args):
     )
 
 
+def requested_mode(argv: list[str] | None) -> str:
+    """`--mode` from the command line, else from the `--config` recipe, else `trace`."""
+    import sys
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode, config = None, None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--mode="):
+            mode = arg.split("=", 1)[1]
+        elif arg == "--mode" and i + 1 < len(argv):
+            mode = argv[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+    if mode is None and config is not None:
+        with open(config) as f:
+            mode = (yaml.safe_load(f) or {}).get("mode")
+    mode = mode or "trace"
+    if mode not in ("trace", "logits"):
+        raise ValueError(f"mode={mode!r}: use trace (teacher traces + SFT) or logits (logit distillation)")
+    return mode
+
+
 def main(argv: list[str] | None = None):
     from trl import SFTConfig
+
+    if requested_mode(argv) == "logits":
+        from .distill_logits import main as logits_main
+
+        return logits_main(argv)
 
     return run_training(DistillScriptArguments, SFTConfig, build_distill_trainer, argv)

@@ -8,10 +8,10 @@ GSM8K reward the GSM8K flexible match, and the code reward runs the program in t
 
 import re
 
-from deepseek_v3.eval.code_utils import extract_code_block
+from deepseek_v3.eval.code_utils import extract_code_block, split_test_names
 from deepseek_v3.eval.gsm8k import extract_flexible, gold_answer, same_number
 from deepseek_v3.eval.math_grading import grade
-from deepseek_v3.eval.sandbox import run_code
+from deepseek_v3.eval.sandbox import run_code, run_tests
 
 # R1's template: reasoning inside <think> ... </think>, then the answer (the paper's "format reward").
 THINK_FORMAT = re.compile(r"^\s*<think>(?!.*<think>).*?</think>\s*\S.*$", re.DOTALL)
@@ -57,17 +57,24 @@ def gsm8k_accuracy_reward(completions, answer, **kwargs) -> list[float]:
 
 def code_reward(completions, test, entry_point=None, timeout: float = 10.0, **kwargs) -> list[float]:
     """1.0 when the last ```python block of the answer passes the `test` column's program in the sandbox.
-    HumanEval-style rows (with `entry_point`) get `check(entry_point)` appended."""
+    HumanEval-style rows (with `entry_point`) get `check(entry_point)` appended. The tests run in the sandbox's
+    judge process, apart from the completion (`sandbox.run_tests`), so printing a sentinel, exiting early or an
+    always-equal object earns nothing; tests that use a solution-defined value run as one program (`run_code`)."""
     rewards = []
     for i, completion in enumerate(completions):
         code = extract_code_block(answer_part(completion_text(completion)))
         if code is None:
             rewards.append(0.0)
             continue
-        program = f"{code}\n\n{test[i]}\n"
-        if entry_point is not None:
-            program += f"\ncheck({entry_point[i]})\n"
-        rewards.append(1.0 if run_code(program, timeout=timeout).passed else 0.0)
+        tests = f"{test[i]}\n" + (f"\ncheck({entry_point[i]})\n" if entry_point is not None else "")
+        names = split_test_names(tests, [entry_point[i]] if entry_point is not None else [])
+        if names is None:
+            result = run_code(f"{code}\n\n{tests}", timeout=timeout)
+        else:
+            entry, modules = names
+            result = run_tests(code, tests, entry, timeout, prelude="".join(f"import {m}\n" for m in modules),
+                               fallback_inline=f"{code}\n\n{tests}")
+        rewards.append(1.0 if result.passed else 0.0)
     return rewards
 
 

@@ -20,12 +20,13 @@ from .common import (
     run_training,
     training_callbacks,
 )
+from .lora import LoraArguments, maybe_apply_lora
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
 @dataclass
-class SFTScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments):
+class SFTScriptArguments(ModelArguments, DataArguments, TrainingExtrasArguments, LoraArguments):
     pass
 
 
@@ -53,11 +54,25 @@ def _sft_trainer_class():
                 for name in ("main_loss", "mtp_loss", "aux_loss"):
                     value = getattr(outputs, name)
                     if value is not None:
-                        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+                        self._metrics[mode][name].append(self._true_loss_value(name, value, num_items_in_batch))
                 if mode == "train" and "attention_mask" in inputs:
                     self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
                     self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, outputs) if return_outputs else loss
+
+        def _true_loss_value(self, name: str, value: torch.Tensor, num_items_in_batch) -> float:
+            """The value of a loss term for the whole optimizer step, from this micro-batch's share on each rank.
+
+            With `num_items_in_batch` the main and MTP losses are sums over this micro-batch's targets divided by the
+            targets of the whole step (all micro-batches and, with `average_tokens_across_devices`, all ranks): the
+            step's loss is their sum over ranks and micro-batches, so the per-micro-batch value logged (and averaged
+            over the micro-batches by the logger) is the sum over ranks times the accumulation steps. The balance
+            loss (`aux_loss`) is a per-micro-batch mean: averaged over ranks."""
+            gathered = self.accelerator.gather_for_metrics(value.detach().reshape(1))
+            if name == "aux_loss" or num_items_in_batch is None:
+                return gathered.mean().item()
+            over_ranks = gathered.sum() if self.args.average_tokens_across_devices else gathered.mean()
+            return (over_ranks * self.current_gradient_accumulation_steps).item()
 
     return DeepseekV3SFTTrainer
 
@@ -81,6 +96,7 @@ def build_sft_dataset(args: DataArguments):
 
 def build_sft_trainer(script_args: SFTScriptArguments, training_args, callbacks=None):
     model, tokenizer = load_model_and_tokenizer(script_args)
+    model = maybe_apply_lora(model, script_args, tokenizer, training_args.output_dir)
     return _sft_trainer_class()(
         model=model,
         args=training_args,

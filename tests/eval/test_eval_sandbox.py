@@ -4,6 +4,7 @@ outside the sandbox's temporary directory changes. Nothing the sandbox started i
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_fork_bomb_is_contained_and_nothing_survives():
     )
     res = run_code(program, timeout=3.0, max_processes=32)
     assert res.status == "timeout"
-    if os.geteuid() == 0 or sandbox_capabilities()["namespaces"]:
+    if os.geteuid() == 0 or sandbox_capabilities()["network_isolated"]:
         assert "forked" in res.stdout and int(res.stdout.split()[-1]) < 2000  # the process limit stopped the loop
     assert _wait_until_gone(tag) == [], "fork-bomb children survived the sandbox"
 
@@ -113,31 +114,38 @@ def test_memory_bomb_fails_without_hurting_the_host():
     assert res.status == "failed" and "MemoryError" in res.stderr
 
 
-def test_writes_outside_the_temp_dir_are_blocked(tmp_path):
+def test_writes_never_reach_the_host(tmp_path):
+    """The host file system is not visible (writes to it fail); /tmp and /dev/shm are the sandbox's own (writes there
+    succeed but vanish with the sample)."""
     victim = tmp_path / "keep.txt"
     victim.write_text("original")
     os.chmod(tmp_path, 0o777)  # even a world-writable directory is protected
     target = tmp_path / "pwned.txt"
     tmp_target = Path("/tmp") / f"dsv3-eval-pwned-{secrets.token_hex(4)}"
-    attacks = [
+    shm_target = Path("/dev/shm") / tmp_target.name
+    must_fail = [
         f"open({str(target)!r}, 'w').write('x')",
-        f"open({str(tmp_target)!r}, 'w').write('x')",
         f"import os; os.remove({str(victim)!r})",
         f"import os; os.rename({str(victim)!r}, {str(target)!r})",
         f"import shutil; shutil.rmtree({str(tmp_path)!r})",
-        f"import os; os.system('touch {tmp_target}')",
-        f"import subprocess; subprocess.run(['touch', {str(tmp_target)!r}])",
-        f"import os; fd = os.open({str(tmp_target)!r}, os.O_WRONLY | os.O_CREAT); os.write(fd, b'x')",
-        f"open('../escape.txt', 'w').write('x')",
+        f"import subprocess; subprocess.run(['touch', {str(target)!r}], check=True)",
     ]
-    for attack in attacks:
+    for attack in must_fail:
         res = run_code(attack + "\nprint('done')\n")
         assert res.status == "failed", (attack, res)
+    contained = [
+        f"open({str(tmp_target)!r}, 'w').write('x')",
+        f"import os; os.system('touch {tmp_target} {shm_target}')",
+        f"import os; fd = os.open({str(tmp_target)!r}, os.O_WRONLY | os.O_CREAT); os.write(fd, b'x')",
+        "open('../escape.txt', 'w').write('x')",
+    ]
+    for attack in contained:
+        run_code(attack + "\nprint('done')\n")
     inside = run_code("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\n")
     assert inside.status == "passed", inside.stderr
     assert victim.read_text() == "original"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
-    assert not tmp_target.exists()
+    assert not tmp_target.exists() and not shm_target.exists() and not Path("/tmp/escape.txt").exists()
 
 
 def test_network_is_blocked():
@@ -195,10 +203,42 @@ def test_pool_keeps_going_through_all_attacks():
         "while True: pass",
         "x = bytearray(64 * 1024 ** 3)",
         "import sys; sys.exit(0)\nassert False",
-        "import socket; socket.socket()",
+        "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)",
         "import os; os._exit(1)",
         "assert sum(range(10)) == 45",
     ] * 2
     results = run_many(programs, timeout=2.0, workers=4, progress=False)
     assert [r.passed for r in results] == [False] * 5 + [True] + [False] * 5 + [True]
     assert results[0].status == "timeout"
+
+
+def test_weaker_isolation_is_refused_unless_allowed(monkeypatch):
+    from deepseek_v3.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_setup", lambda: sandbox._Setup(sys.executable, False, "bwrap is not installed"))
+    monkeypatch.delenv(sandbox.WEAK_ENV, raising=False)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="apt-get install bubblewrap.*--allow-weak-sandbox"):
+        run_code("assert True")
+    caps = sandbox.sandbox_capabilities()
+    assert caps["isolation"] == "weak" and caps["bwrap_problem"] == "bwrap is not installed"
+    res = run_code("assert 1 + 1 == 2", allow_weak=True)
+    assert res.passed and res.isolation == "weak"
+    monkeypatch.setenv(sandbox.WEAK_ENV, "1")
+    split = sandbox.run_tests("def f(x):\n    return x * 2\n", "assert f(3) == 6\n", ["f"])
+    assert split.passed and split.verdict == "split-process"
+    guarded = run_code("import socket\nsocket.socket()\n")  # the Python guards are on in the weak mode
+    assert guarded.status == "failed" and "network access is disabled" in guarded.stderr
+
+
+def test_solution_objects_cross_by_reference_and_never_pass_for_answers():
+    from deepseek_v3.eval.sandbox import run_tests
+
+    solution = ("class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
+                "        return True\n    def __bool__(self):\n        return True\n\n"
+                "def get(box):\n    return box.v\n\ndef make():\n    return Box(0)\n")
+    good = run_tests(solution, "b = Box(3)\nb.v = 4\nassert get(b) == 4 and b.v == 4\nassert make() is not None\n",
+                     ["Box", "get", "make"])
+    assert good.passed and good.verdict == "split-process", good.stderr
+    for test in ("assert make() == 1\n", "assert make()\n", "assert make() == make()\n", "assert not make() != 5\n"):
+        res = run_tests(solution, test, ["Box", "get", "make"])
+        assert res.status == "failed", (test, res)

@@ -50,23 +50,25 @@ def test_gsm8k_gold_is_100_strict_and_flexible_and_shuffled_is_low(files):
     assert len(docs) == 1319 and docs[5]["task_id"] == "5"
     gold = [{"task_id": d["task_id"], "completion": d["answer"]} for d in docs]
     metrics, _ = score_predictions(task, gold)
-    assert metrics["score"] == metrics["accuracy_strict"] == metrics["accuracy_flexible"] == 1.0
+    assert metrics["score"] == metrics["exact_match_strict"] == metrics["exact_match_flexible"] == 1.0
+    assert metrics["numeric_strict"] == metrics["numeric_flexible"] == 1.0
     rng = random.Random(0)
     answers = [d["answer"] for d in docs]
     rng.shuffle(answers)
     shuffled = [{"task_id": d["task_id"], "completion": a} for d, a in zip(docs, answers)]
     metrics, _ = score_predictions(task, shuffled)
-    assert metrics["score"] < 0.05 and metrics["accuracy_strict"] < 0.05
+    assert metrics["score"] < 0.05 and metrics["exact_match_strict"] < 0.05 and metrics["numeric_flexible"] < 0.05
 
 
 def test_gsm8k_extraction_variants(files):
     task = get_task("gsm8k", data_dir=files)
-    doc = {"task_id": "x", "gold": "2125"}
+    doc = {"task_id": "x", "gold": "2125", "answer": "... so 2125.\n#### 2125"}
     assert task.score_one(doc, "... so she pays $2,125.")["correct"]
     assert task.score_one(doc, "#### 2,125")["correct_strict"]
-    assert task.score_one(doc, "The answer is 2125.00.")["correct_strict"]
+    r = task.score_one(doc, "The answer is 2125.00.")
+    assert r["correct_numeric_strict"] and not r["correct_strict"] and not r["correct"]  # lm-eval: string match
     r = task.score_one(doc, "It is 2125 apples, not 3 apples")
-    assert not r["correct"] and not r["correct_strict"]  # last number is 3, no '####'
+    assert not r["correct"] and not r["correct_strict"] and not r["correct_numeric"]  # last number is 3
 
 
 def test_aime24_gold_is_100(files):

@@ -1,0 +1,177 @@
+"""LoRA (peft) on the tiny model: preset targets, the router state saved with the adapter, merged checkpoints, and
+LoRA over a frozen FP8 base."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+import deepseek_v3  # noqa: E402
+from deepseek_v3.trainers.lora import (  # noqa: E402
+    LoraArguments,
+    apply_lora,
+    resolve_targets,
+    save_lora_outputs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return deepseek_v3.DeepseekV3ForCausalLM(deepseek_v3.load_config("tiny"))
+
+
+def leaf_set(names):
+    return {n.split("layers.", 1)[1].split(".", 1)[1] for n in names}
+
+
+def test_presets_target_shared_experts_dense_mlp_never_router():
+    model = tiny()
+    attn, attn_p = resolve_targets(model, LoraArguments(lora_preset="attention"))
+    assert leaf_set(attn) == {"self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                              "self_attn.kv_b_proj", "self_attn.o_proj"} and attn_p == []
+    experts, experts_p = resolve_targets(model, LoraArguments(lora_preset="experts"))
+    assert "model.layers.0.mlp.gate_proj" in experts  # dense MLP of layer 0
+    assert "model.layers.1.mlp.shared_experts.down_proj" in experts
+    assert "model.layers.1.mlp.experts.gate_up_proj" in experts_p and "model.layers.2.mlp.experts.down_proj" in experts_p
+    everything, _ = resolve_targets(model, LoraArguments(lora_preset="all"))
+    assert set(everything) == set(attn) | set(experts)
+    assert not any(n.endswith("mlp.gate") or "eh_proj" in n or "lm_head" in n for n in everything)
+    with_eh, _ = resolve_targets(model, LoraArguments(lora_preset="all", lora_target_eh_proj=True))
+    assert set(with_eh) - set(everything) == {"model.layers.3.eh_proj"}
+    dense_only, none = resolve_targets(model, LoraArguments(lora_target_modules=["gate_proj", "up_proj", "down_proj"]))
+    assert none == [] and "model.layers.1.mlp.shared_experts.down_proj" in dense_only  # `down_proj`: modules only
+    _, routed = resolve_targets(model, LoraArguments(lora_target_modules=["o_proj", "experts"]))
+    assert routed == experts_p
+    with pytest.raises(ValueError, match="router"):
+        resolve_targets(model, LoraArguments(lora_target_modules=["gate"]))
+    with pytest.raises(ValueError, match="lora_preset"):
+        resolve_targets(model, LoraArguments(lora_preset="mlp"))
+
+
+@pytest.mark.parametrize("targets", [None, ["all-linear"]])
+def test_peft_wraps_what_we_asked_and_trains(targets):
+    model = apply_lora(tiny(), LoraArguments(use_peft=True, lora_r=2, lora_target_modules=targets))
+    wrapped = model._lora_targets
+    # peft did not retarget gate_proj/up_proj/down_proj onto the fused experts: they are real LoRA modules
+    assert "model.layers.1.mlp.shared_experts.gate_proj" in wrapped["lora_modules"]
+    assert "model.layers.0.mlp.down_proj" in wrapped["lora_modules"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in wrapped["lora_parameters"]
+    assert wrapped["saved_modules"] == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
+    assert not any(n.endswith(".gate") for n in wrapped["lora_modules"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x = torch.randint(3, 300, (2, 12))
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()  # `all-linear` used to crash in the router's record_load
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    routers = [m for n, m in model.named_modules() if n.endswith("modules_to_save.default")]
+    assert routers and all(r.tokens_per_expert.sum() > 0 for r in routers)  # the copies that run count the load
+
+
+def test_lora_sft_cli_adapter_and_merged_agree(tmp_path, data_dir):
+    """CLI LoRA SFT with balancing on: PeftModel.from_pretrained(base, out) == out/merged, router biases included."""
+    from data_files import require_file
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from deepseek_v3.cli import main as cli_main
+
+    gsm8k = str(require_file(data_dir / "gsm8k" / "train.jsonl"))
+    out = tmp_path / "lora"
+    cli_main(["train", "sft", "--config", str(REPO / "recipes" / "sft_lora_tiny.yaml"), "--dataset_name", gsm8k,
+              "--max_samples", "8", "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "128",
+              "--balancing_gamma", "0.01", "--output_dir", str(out), "--save_steps", "100", "--logging_steps", "1"])
+    base_dir = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_dir) == out / "base"
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base_bias = base.model.layers[1].mlp.gate.e_score_correction_bias.clone()
+    adapted = PeftModel.from_pretrained(base, str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    bias = merged.model.layers[1].mlp.gate.e_score_correction_bias
+    assert (bias - base_bias).abs().max() > 0  # balancing moved the biases ...
+    x = torch.randint(3, 300, (2, 32))
+    with torch.no_grad():
+        diff = (adapted(input_ids=x).logits - merged(input_ids=x).logits).abs().max().item()
+    assert diff <= 1e-5  # ... and the adapter carries them
+    adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_model.*"))
+    assert adapter_bytes < 0.1 * (out / "merged" / "model.safetensors").stat().st_size
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3ForCausalLM as BuiltIn
+
+    builtin = BuiltIn.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (builtin(input_ids=x).logits - merged(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_lora_over_fp8_base(tmp_path):
+    from deepseek_v3.kernels.fp8_frozen import FrozenFP8Linear
+    from deepseek_v3.trainers.fp8_base import FrozenFP8Experts, fp8_base_bytes
+
+    reference = tiny().to(torch.bfloat16)
+    bf16_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    model = apply_lora(tiny().to(torch.bfloat16), LoraArguments(use_peft=True, lora_r=2, lora_preset="attention",
+                                                                load_in_fp8=True))
+    assert any(isinstance(m, FrozenFP8Linear) for m in model.modules())
+    assert any(isinstance(m, FrozenFP8Experts) for m in model.modules())
+    sizes = fp8_base_bytes(model)
+    assert sizes["total"] < 0.6 * bf16_bytes  # embeddings / head / norms stay BF16 (12% of this tiny model)
+    x = torch.randint(3, 300, (2, 12))
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert any("layers.0.self_attn.q_a_proj.lora_A" in n for n in grads)  # gradients flow through FP8 layers
+    with pytest.raises(ValueError, match="routed experts over an FP8 base"):
+        apply_lora(tiny(), LoraArguments(use_peft=True, lora_preset="all", load_in_fp8=True))
+
+    # merging into the FP8 base writes an FP8 checkpoint again, which reloads to the merged model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits.float()
+    out = tmp_path / "fp8"
+    out.mkdir()
+    merged_dir = save_lora_outputs(model, str(out), fp8=True)
+    config = json.loads((Path(merged_dir) / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(merged_dir, "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_a_proj.weight").dtype == torch.float8_e4m3fn
+        assert "model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv" in f.keys()
+    reloaded = deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=x).logits.float()
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < 0.08  # requantized (the adapter's delta is rounded to e4m3 on the merged weight)
+
+
+def test_fp8_base_keeps_the_checkpoint_codes(tmp_path):
+    """From an FP8 checkpoint the frozen base holds the published e4m3 codes and scales, not a requantization."""
+    from safetensors import safe_open
+
+    from deepseek_v3.kernels.fp8_checkpoint import save_pretrained_fp8
+
+    fp8_dir = tmp_path / "fp8"
+    save_pretrained_fp8(tiny(), fp8_dir)
+    loaded = deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(fp8_dir, dtype=torch.float32)
+    model = apply_lora(loaded, LoraArguments(use_peft=True, lora_r=2, lora_preset="attention", load_in_fp8=True))
+    inner = model.base_model.model.model
+    with safe_open(str(fp8_dir / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight")
+        s = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
+        up = f.get_tensor("model.layers.2.mlp.experts.5.up_proj.weight")
+        up_s = f.get_tensor("model.layers.2.mlp.experts.5.up_proj.weight_scale_inv")
+    kv_b = inner.layers[1].self_attn.kv_b_proj.base_layer
+    assert torch.equal(kv_b.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(kv_b.weight_scale_inv, s)
+    experts = inner.layers[2].mlp.experts
+    I = experts.intermediate_size
+    assert torch.equal(experts.gate_up_proj[5, I:].view(torch.uint8), up.view(torch.uint8))
+    assert torch.equal(experts.gate_up_proj_scale_inv[5, 1:], up_s)

@@ -38,13 +38,7 @@ def _no_leftovers(parent, name):
                                     "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight",
                                     "model.layers.1.mlp.shared_experts.up_proj.weight"])
 def test_fp8_checkpoint_without_a_non_expert_scale_is_refused(checkpoints, tmp_path, tensor):
-    broken = _copy(checkpoints / "fp8", tmp_path / "broken")
-    index = json.loads((broken / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"].pop(tensor + "_scale_inv")
-    tensors = load_file(broken / shard)
-    del tensors[tensor + "_scale_inv"]
-    save_file(tensors, broken / shard, metadata={"format": "pt"})
-    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    broken = _drop_scale(checkpoints / "fp8", tmp_path / "broken", tensor)
     with pytest.raises(CheckpointError, match=f"{tensor}.*has no.*_scale_inv.*re-download"):
         check_fp8_scales(broken)
     with pytest.raises(CheckpointError, match=tensor):

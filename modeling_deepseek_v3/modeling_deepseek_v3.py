@@ -24,7 +24,7 @@ from .attention import DeepseekV3Attention
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .decoder_layer import DeepseekV3DecoderLayer
 from .layers import DeepseekV3RMSNorm
-from .loss import LOSS_KWARGS, causal_lm_loss, shift_labels_for_mtp
+from .loss import LOSS_KWARGS, causal_lm_loss
 from .moe import DeepseekV3Experts, DeepseekV3TopkRouter, RouterOutput
 from .mtp import DeepseekV3MultiTokenPredictionLayer
 from .rope import DeepseekV3RotaryEmbedding, compute_inv_freq
@@ -243,7 +243,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
 def check_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int, past_seen: int) -> None:
     """A 2D padding mask must be [batch, past + seq] (a wrong length would silently shift every row's padding);
-    a 4D mask (custom attention pattern) must be [batch or 1, 1 or heads, seq, >= past + seq]."""
+    a 4D mask (custom attention pattern) must be [batch or 1, 1 or heads, seq, keys]."""
     if attention_mask.dim() == 2:
         expected = (batch, past_seen + seq)
         if tuple(attention_mask.shape) != expected:

@@ -83,3 +83,17 @@ def test_demo_quick_end_to_end(tmp_path, data_dir, capsys):
     assert metrics["pass@1_sampled"] == round(summary["accuracy"]["grpo"]["pass@1_sampled"], 6)
     assert f"| SFT: final main loss | {summary['phases']['sft']['final']['main_loss']:.4g} |" in body
     assert f"{summary['model']['total_params_with_mtp']:,}" in body
+    # every phase's checkpoint has its own card, with that phase's evaluation
+    for phase, folder in (("pretrain", "pretrain"), ("sft", "sft")):
+        front, body = read_front_matter(tmp_path / folder / "README.md")
+        assert front["model-index"][0]["name"] == f"deepseek-v3-demo-{phase}"
+        metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+        assert metrics["accuracy"] == round(summary["accuracy"][phase]["greedy"], 6)
+        assert "GRPO: optimizer steps" not in body and f"{'SFT' if phase == 'sft' else 'pretrain'}: optimizer steps" in body
+    # paired per-problem changes between consecutive phases add up to the accuracies
+    acc = summary["accuracy"]
+    for before, after in (("init", "pretrain"), ("pretrain", "sft"), ("sft", "grpo")):
+        change = acc[after]["vs_previous_greedy"]
+        assert change["phase"] == before
+        assert len(acc[before]["solved_greedy"]) + change["gained"] - change["lost"] == len(acc[after]["solved_greedy"])
+        assert round(len(acc[after]["solved_greedy"]) / acc[after]["num_problems"], 6) == round(acc[after]["greedy"], 6)

@@ -37,6 +37,24 @@ def test_format_reward():
     assert rewards.format_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+def test_arithmetic_steps_reward():
+    from deepseek_v3.trainers.arithmetic_task import make_splits
+
+    train, _ = make_splits(200, 10, seed=1)
+    assert rewards.arithmetic_steps_reward([p["solution"] for p in train]) == [1.0] * 200
+    completions = [
+        "<think>6-4=2, 2+7=10</think> \\boxed{10}",        # right answer through a false step
+        "<think>7+5=12, 12-3=9</think> \\boxed{8}",        # true steps, boxed answer is not their result
+        "<think>no arithmetic here</think> \\boxed{9}",    # no step to check
+        "7+5=12, 12-3=9 \\boxed{9}",                       # no reasoning block
+        "<think>7+5=12, 12-3=9</think> \\boxed{9} or \\boxed{8}",  # two answers
+        [{"role": "assistant", "content": "<think>4 * 5 = 20, 20 / 4 = 5, 9 x 2 = 18</think> \\boxed{18}"}],
+        "<think>7/0=1</think> \\boxed{1}",
+    ]
+    assert rewards.arithmetic_steps_reward(completions) == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert rewards.get_reward_funcs(["arithmetic_steps"]) == [rewards.arithmetic_steps_reward]
+
+
 def test_math_reward_on_real_math500(data_dir):
     rows = read_jsonl(require_file(data_dir / "math500" / "test.jsonl"))[:20]
     gold = [r["answer"] for r in rows]

@@ -42,6 +42,39 @@ def format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if THINK_FORMAT.match(completion_text(c)) else 0.0 for c in completions]
 
 
+# one arithmetic step of a chain of thought: "12-3=9", "4 * 5 = 20" (integers, + - * x /)
+ARITHMETIC_STEP = re.compile(r"(-?\d+)\s*([-+*/x\u00d7])\s*(-?\d+)\s*=\s*(-?\d+)")
+BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def _step_holds(a: str, op: str, b: str, result: str) -> bool:
+    x, y, z = int(a), int(b), int(result)
+    if op == "/":
+        return y != 0 and x == y * z
+    return z == {"+": x + y, "-": x - y}.get(op, x * y)
+
+
+def arithmetic_steps_reward(completions, **kwargs) -> list[float]:
+    """1.0 when the reasoning is arithmetic that checks out: the `<think>` block holds at least one step
+    `a op b = c`, every such step is true, and the boxed answer equals the last step's result; else 0.0.
+
+    A rule reward next to `math_accuracy` (which sees only the final answer): without it, RL also reinforces a
+    right answer reached through wrong steps ("6-4=2, 2+7=10 -> \\boxed{10}"), and a small policy learns the wrong
+    steps. Checking each step is what a verifiable task allows (like R1's rewards, no learned model)."""
+    rewards = []
+    for completion in completions:
+        text = completion_text(completion)
+        if "</think>" not in text:
+            rewards.append(0.0)
+            continue
+        thinking, answer = text.split("</think>", 1)
+        steps = ARITHMETIC_STEP.findall(thinking)
+        boxed = BOXED.findall(answer)
+        ok = bool(steps) and len(boxed) == 1 and all(_step_holds(*s) for s in steps) and int(boxed[0]) == int(steps[-1][3])
+        rewards.append(1.0 if ok else 0.0)
+    return rewards
+
+
 def math_accuracy_reward(completions, answer, **kwargs) -> list[float]:
     """1.0 when math-verify finds the gold `answer` column in the final answer (after </think>), else 0.0."""
     return [float(grade(str(gold), answer_part(completion_text(c)))[1]) for c, gold in zip(completions, answer)]
@@ -81,6 +114,7 @@ def code_reward(completions, test, entry_point=None, timeout: float = 10.0, **kw
 REWARD_FUNCS = {
     "format": format_reward,
     "math_accuracy": math_accuracy_reward,
+    "arithmetic_steps": arithmetic_steps_reward,
     "gsm8k_accuracy": gsm8k_accuracy_reward,
     "code": code_reward,
 }

@@ -142,6 +142,29 @@ def test_logit_distillation_runs_with_mtp_loss_and_heldout_kl(tmp_path):
     assert any("moe/maxvio_step" in h for h in history)  # balancing callback on
 
 
+def test_logit_distillation_on_policy_fraction_generates_and_lowers_heldout_kl(tmp_path):
+    """lmbda 0.5: about half the steps train on completions the student generates (counted), and the held-out
+    KL(teacher || student) still falls by >= 30%."""
+    data = synthetic.write_addition_dataset(str(tmp_path / "add.jsonl"), n=40)
+    teacher_dir = tmp_path / "teacher"  # a trained teacher: two random tiny models are already close (KL ~0.03)
+    cli_main(["train", "sft", "--config", str(REPO / "recipes" / "sft_addition_tiny.yaml"), "--dataset_name", data,
+              "--max_steps", "30", "--per_device_train_batch_size", "8", "--output_dir", str(teacher_dir)])
+    from deepseek_v3.trainers.distill import main
+
+    trainer = main(["--config", str(REPO / "recipes" / "distill_logits_tiny.yaml"), "--teacher_name_or_path",
+                    str(teacher_dir), "--dataset_name", data, "--max_samples", "40", "--heldout_samples", "8",
+                    "--max_steps", "8", "--per_device_train_batch_size", "4", "--learning_rate", "2e-2",
+                    "--max_completion_length", "24", "--lmbda", "0.5", "--logging_steps", "1",
+                    "--output_dir", str(tmp_path / "out")])
+    history = logs_of(trainer)
+    steps = [h for h in history if "on_policy_fraction" in h]
+    on_policy = sum(h["on_policy_fraction"] for h in steps)
+    assert len(steps) == 8 and 0 < on_policy < 8  # both branches ran (seeded draw)
+    assert trainer.on_policy_completions == 4 * on_policy  # one student generation per prompt of an on-policy step
+    kls = [h["distill/heldout_kl"] for h in history if "distill/heldout_kl" in h]
+    assert len(kls) == 2 and kls[1] <= 0.7 * kls[0], kls
+
+
 def test_reward_model_then_grpo_with_rule_and_model_reward(tmp_path):
     rm_dir = tmp_path / "rm"
     cli_main(["train", "reward", "--config", str(REPO / "recipes" / "reward_tiny.yaml"), "--model_name_or_path",

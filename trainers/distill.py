@@ -2,7 +2,8 @@
 sampling, as for DeepSeek-R1's 800k SFT samples), and the student is fine-tuned on them with `DeepseekV3SFTTrainer` (next-token + MTP loss).
 
 Traces are appended to `traces_file` (jsonl) as soon as each batch is generated, so an interrupted run resumes
-where it stopped.
+where it stopped. Under DDP only the main process generates and writes them; the other ranks wait at a barrier
+and train on the same file (a path all ranks can read).
 
 `--mode logits` runs logit distillation on TRL's `DistillationTrainer` instead (`trainers/distill_logits.py`).
 """
@@ -137,8 +138,13 @@ def build_distill_trainer(script_args: DistillScriptArguments, training_args):
     """Generate (or finish generating) the teacher traces, then build the student's SFT trainer on the kept ones."""
     from .sft import _sft_trainer_class
 
+    from accelerate import PartialState
+
     traces_file = script_args.traces_file or os.path.join(training_args.output_dir, "traces.jsonl")
-    generate_traces(script_args, traces_file)
+    state = PartialState()  # under DDP: the main process writes the traces once, the others wait, then read them
+    if state.is_main_process:
+        generate_traces(script_args, traces_file)
+    state.wait_for_everyone()
     student, tokenizer = load_model_and_tokenizer(script_args)
     student = maybe_apply_lora(student, script_args, tokenizer, training_args.output_dir)
     return _sft_trainer_class()(

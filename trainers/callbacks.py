@@ -162,3 +162,33 @@ def add_balancing_callback(trainer, config: BalancingConfig | None = None, **kwa
 
 
 __all__ = ["MoEBalancingCallback", "add_balancing_callback", "STATE_FILE"]
+
+
+class HeldOutMetricCallback(TrainerCallback):
+    """Logs a held-out figure (`key`: `metric()`) through `trainer.log` at the start and the end of training, and
+    every `every` optimizer steps in between; the history goes to `output_dir/filename` on the main process at the
+    end (the reward model's held-out pairwise accuracy, the distillation student's held-out KL)."""
+
+    def __init__(self, trainer, key: str, metric, filename: str, every: int | None = None, record: dict | None = None):
+        self.trainer, self.key, self.metric, self.filename, self.every = trainer, key, metric, filename, every
+        self.record = dict(record or {})
+        self.history: list[dict] = []
+
+    def _log(self, state) -> None:
+        value = self.metric()
+        self.trainer.log({self.key: value})
+        self.history.append({"step": state.global_step, self.key.rsplit("/", 1)[-1]: value, **self.record})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._log(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self._log(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._log(state)
+        if state.is_world_process_zero and args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, self.filename), "w") as f:
+                json.dump(self.history, f, indent=2)

@@ -106,38 +106,9 @@ def heldout_kl(teacher, student, tokenizer, rows, max_length: int = 1024, batch_
 
 
 def _trainer_class():
-    from transformers import TrainerCallback
     from trl import DistillationTrainer
 
     from deepseek_v3.loss import mtp_depth_loss
-
-    class HeldOutKLCallback(TrainerCallback):
-        def __init__(self, trainer):
-            self.trainer = trainer
-            self.history = []
-
-        def _log(self, state):
-            kl = self.trainer.heldout_kl()
-            self.trainer.log({"distill/heldout_kl": kl})
-            self.history.append({"step": state.global_step, "heldout_kl": kl})
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._log(state)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            every = self.trainer.heldout_every
-            if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-                self._log(state)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self._log(state)
-            if state.is_world_process_zero and args.output_dir:
-                import json
-                import os
-
-                os.makedirs(args.output_dir, exist_ok=True)
-                with open(os.path.join(args.output_dir, "heldout_kl.json"), "w") as f:
-                    json.dump(self.history, f, indent=2)
 
     class DeepseekV3DistillationTrainer(DistillationTrainer):
         """TRL `DistillationTrainer` + on-policy fraction `lmbda`, the student's MTP loss, held-out KL."""
@@ -153,7 +124,10 @@ def _trainer_class():
             self._extra_loss = None
             self._rng = random.Random(self.args.seed)
             if self.heldout_rows:
-                self.add_callback(HeldOutKLCallback(self))
+                from .callbacks import HeldOutMetricCallback
+
+                self.add_callback(HeldOutMetricCallback(self, "distill/heldout_kl", self.heldout_kl, "heldout_kl.json",
+                                                        every=heldout_every))
 
         def heldout_kl(self) -> float:
             student = self.accelerator.unwrap_model(self.model)

@@ -99,35 +99,6 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict]) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def _heldout_callback(trainer, pairs: list[dict]):
-    from transformers import TrainerCallback
-
-    class HeldOutAccuracyCallback(TrainerCallback):
-        def __init__(self):
-            self.history = []
-
-        def _log(self, state):
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            accuracy = pairwise_accuracy(model, trainer.processing_class, pairs)
-            trainer.log({"heldout_accuracy": accuracy})
-            self.history.append({"step": state.global_step, "heldout_accuracy": accuracy, "pairs": len(pairs)})
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._log(state)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self._log(state)
-            if state.is_world_process_zero and args.output_dir:
-                import json
-                import os
-
-                os.makedirs(args.output_dir, exist_ok=True)
-                with open(os.path.join(args.output_dir, "heldout_accuracy.json"), "w") as f:
-                    json.dump(self.history, f, indent=2)
-
-    return HeldOutAccuracyCallback()
-
-
 def load_reward_model_and_tokenizer(args: ModelArguments):
     """`DeepseekV3ForSequenceClassification` (1 label) from a shipped config name (random init) or a checkpoint."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -175,7 +146,13 @@ def build_reward_trainer(script_args: RewardScriptArguments, training_args):
     train, heldout = build_preference_datasets(script_args)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     if heldout:
-        trainer.add_callback(_heldout_callback(trainer, heldout))
+        from .callbacks import HeldOutMetricCallback
+
+        def accuracy() -> float:
+            return pairwise_accuracy(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, heldout)
+
+        trainer.add_callback(HeldOutMetricCallback(trainer, "heldout_accuracy", accuracy, "heldout_accuracy.json",
+                                                   record={"pairs": len(heldout)}))
     return trainer
 
 

@@ -12,8 +12,12 @@ checkpoint (what `from_pretrained` dequantized on a CPU load), so a published FP
 published. `dequantize_base(model)` turns everything back into ordinary high-precision modules (used before merging
 adapters; the merged model is re-quantized with `save_pretrained_fp8`).
 
-LoRA on the routed experts over an FP8 base is not supported: peft's `target_parameters` needs the fused expert
-tensors as plain parameters to add its low-rank delta to.
+LoRA on the routed experts over an FP8 base goes through peft's `target_parameters` as over a BF16 base: the codes
+live under `gate_up_proj_fp8` / `down_proj_fp8`, and `gate_up_proj` / `down_proj` are zero-storage adapter slots
+(stride-0 zero parameters of the full shape) that peft's `ParamWrapper` parametrizes to the low-rank delta; the
+forward adds `x @ delta.T` to the frozen FP8 product (see `FrozenFP8Experts`). The adapter has the keys and shapes of
+one trained over the BF16 experts and loads onto an FP8 or a high-precision base. Do not cast a converted model
+with `.float()` / `.to(dtype)`: that casts the e4m3 codes too (build the base in the compute dtype first).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import re
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from deepseek_v3.kernels.fp8_checkpoint import NOT_QUANTIZED, SCALE_SUFFIX, _read_index
 from deepseek_v3.kernels.fp8_frozen import FrozenFP8Linear, dequant_row_splits, frozen_fp8_grouped_linear, quant_row_splits
 from deepseek_v3.kernels.fp8_quant import FP8_DTYPE
-from deepseek_v3.moe import DeepseekV3Experts
+from deepseek_v3.moe import DeepseekV3Experts, _grouped_linear
 
 
 def _quantized_on_disk(module_name: str) -> bool:
@@ -34,10 +39,40 @@ def _quantized_on_disk(module_name: str) -> bool:
     return not any(re.search(p, name) for p in NOT_QUANTIZED)
 
 
+def _adapter_slot(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor of `shape` / `dtype` that owns one element of storage (stride 0): what adapters add onto."""
+    return nn.Parameter(torch.zeros((), dtype=dtype, device=like.device).expand(*shape), requires_grad=False)
+
+
 class FrozenFP8Experts(DeepseekV3Experts):
-    """Routed experts whose fused weights are frozen e4m3 codes: `gate_up_proj [E, 2I, D]` with
-    `gate_up_proj_scale_inv` (gate rows' block grid, then up rows'), `down_proj [E, D, I]` with
-    `down_proj_scale_inv`. Same forward contract as `DeepseekV3Experts`; gradients reach the input only."""
+    """Routed experts whose fused weights are frozen e4m3 codes: `gate_up_proj_fp8 [E, 2I, D]` with
+    `gate_up_proj_scale_inv` (gate rows' block grid, then up rows'), `down_proj_fp8 [E, D, I]` with
+    `down_proj_scale_inv`. Same forward contract as `DeepseekV3Experts`; the codes never get a gradient.
+
+    `gate_up_proj` / `down_proj` (the names of the BF16 module's parameters) are adapter slots: zero tensors of the
+    full shape and the compute dtype that own no memory (stride-0 frozen parameters: peft matches
+    `target_parameters` against parameters). The effective weight is
+    `dequant(codes, scale_inv) + slot`. peft's `target_parameters` wraps the slots like the BF16 parameters
+    (`ParamWrapper` parametrizes `gate_up_proj` to `slot + B @ A` for the duration of a forward), so an adapter
+    trained here has the same keys and shapes as one trained over the BF16 experts and loads onto either base.
+    The forward runs the frozen part through `frozen_fp8_grouped_linear` (dequantized per call, only the codes
+    saved for backward) and, while an adapter is active, adds `x @ delta.T` (the delta is what autograd keeps)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._reset_slots()  # `.to(device)` would materialise the stride-0 slots: rebuild them
+        return self
+
+    def _reset_slots(self) -> None:
+        for name in ("gate_up_proj", "down_proj"):
+            if name in self._parameters:  # not while peft's parametrization holds it
+                codes = getattr(self, name + "_fp8")
+                self._parameters[name] = _adapter_slot(codes, codes.shape, self._parameters[name].dtype)
+
+    def _adapter_delta(self, name: str) -> torch.Tensor | None:
+        if not parametrize.is_parametrized(self, name):
+            return None  # the slot is zero: no adapter active
+        return getattr(self, name)
 
     def forward(self, hidden_states, topk_indices, topk_weights):
         top_k = topk_indices.shape[1]
@@ -47,11 +82,22 @@ class FrozenFP8Experts(DeepseekV3Experts):
         routed = hidden_states[token_idx]
         offsets = torch.bincount(flat_experts, minlength=self.num_experts).cumsum(0).to(torch.int32)
         splits = (self.intermediate_size, self.intermediate_size)
-        gate, up = frozen_fp8_grouped_linear(routed, self.gate_up_proj, self.gate_up_proj_scale_inv, offsets, splits).chunk(2, dim=-1)
-        expert_out = frozen_fp8_grouped_linear(self.act_fn(gate) * up, self.down_proj, self.down_proj_scale_inv, offsets)
+        gate_up = frozen_fp8_grouped_linear(routed, self.gate_up_proj_fp8, self.gate_up_proj_scale_inv, offsets, splits)
+        delta = self._adapter_delta("gate_up_proj")
+        if delta is not None:
+            gate_up = gate_up + _grouped_linear(routed, delta.to(routed.dtype), offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = self.act_fn(gate) * up
+        expert_out = frozen_fp8_grouped_linear(hidden, self.down_proj_fp8, self.down_proj_scale_inv, offsets)
+        delta = self._adapter_delta("down_proj")
+        if delta is not None:
+            expert_out = expert_out + _grouped_linear(hidden, delta.to(hidden.dtype), offsets)
         expert_out = expert_out * topk_weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, token_idx, expert_out.to(out.dtype))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, frozen e4m3 128x128, adapter slots gate_up_proj/down_proj"
 
 
 def _freeze_experts_fp8(experts: DeepseekV3Experts) -> None:
@@ -59,18 +105,27 @@ def _freeze_experts_fp8(experts: DeepseekV3Experts) -> None:
     for name, splits in (("gate_up_proj", (I, I)), ("down_proj", None)):
         w = getattr(experts, name).detach()
         q, s = quant_row_splits(w, splits or (w.shape[1],))
-        setattr(experts, name, nn.Parameter(q, requires_grad=False))
+        delattr(experts, name)
+        experts.register_parameter(name + "_fp8", nn.Parameter(q, requires_grad=False))
         experts.register_buffer(name + SCALE_SUFFIX, s)
+        experts.register_parameter(name, _adapter_slot(q, q.shape, w.dtype))
     experts.compute_dtype = w.dtype
     experts.__class__ = FrozenFP8Experts
 
 
 def _thaw_experts(experts: FrozenFP8Experts) -> None:
+    """Back to `DeepseekV3Experts` with `dequant(codes)` as the frozen parameters (under any peft wrapper: the
+    wrapper finds plain parameters to merge into)."""
     I, dtype = experts.intermediate_size, experts.compute_dtype
-    for name, splits in (("gate_up_proj", (I, I)), ("down_proj", (experts.down_proj.shape[1],))):
-        w = dequant_row_splits(getattr(experts, name), getattr(experts, name + SCALE_SUFFIX), splits, dtype)
-        delattr(experts, name + SCALE_SUFFIX)
-        setattr(experts, name, nn.Parameter(w, requires_grad=False))
+    for name, splits in (("gate_up_proj", (I, I)), ("down_proj", None)):
+        if parametrize.is_parametrized(experts, name):
+            raise RuntimeError(f"{name} of {type(experts).__name__} is parametrized (inside a forward?): dequantize "
+                               "outside of the adapter's forward")
+        q = getattr(experts, name + "_fp8")
+        w = dequant_row_splits(q, getattr(experts, name + SCALE_SUFFIX), splits or (q.shape[1],), dtype)
+        for suffix in ("_fp8", SCALE_SUFFIX, ""):
+            delattr(experts, name + suffix)
+        experts.register_parameter(name, nn.Parameter(w, requires_grad=False))
     experts.__class__ = DeepseekV3Experts
 
 
@@ -116,7 +171,8 @@ def fp8_base_bytes(model: nn.Module) -> dict[str, int]:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if "lora_" in name:
             continue
-        size = tensor.numel() * tensor.element_size()
+        # the experts' adapter slots are stride-0 views of one element: count the memory they own
+        size = min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
         if tensor.dtype == FP8_DTYPE or name.endswith(SCALE_SUFFIX):
             fp8 += size
         else:
@@ -155,12 +211,12 @@ def load_fp8_codes(model: nn.Module, checkpoint_dir: str) -> int:
                     nb = -(-I // 128)
                     with torch.no_grad():
                         if proj == "down_proj":
-                            experts.down_proj[e].copy_(q)
+                            experts.down_proj_fp8[e].copy_(q)
                             experts.down_proj_scale_inv[e].copy_(s)
                         else:
                             rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
                             blocks = slice(0, nb) if proj == "gate_proj" else slice(nb, 2 * nb)
-                            experts.gate_up_proj[e, rows].copy_(q)
+                            experts.gate_up_proj_fp8[e, rows].copy_(q)
                             experts.gate_up_proj_scale_inv[e, blocks].copy_(s)
                 else:
                     module = modules.get(key.removesuffix(".weight"))

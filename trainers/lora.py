@@ -10,6 +10,9 @@ the fused routed experts require it), `lora_target_modules`, plus `lora_preset` 
   (`gate_proj`, `up_proj`, `down_proj`) as ordinary LoRA modules;
 - `all` (default): both.
 
+With `load_in_fp8` every preset works: the routed experts stay e4m3 codes and their adapters attach to the
+zero-storage `gate_up_proj` / `down_proj` slots of `fp8_base.FrozenFP8Experts` (same adapter keys as over BF16).
+
 `lora_modules_to_save` (TRL's name) trains whole modules next to the adapters and saves them with it, e.g.
 `lm_head` when the output distribution must change more than low-rank updates of a small model allow.
 
@@ -118,14 +121,10 @@ def resolve_targets(model: nn.Module, args: LoraArguments) -> tuple[list[str], l
     parameters = []
     if routed:
         for name, module in model.named_modules():
-            if isinstance(module, FrozenFP8Experts):
-                raise ValueError(
-                    "LoRA on the routed experts over an FP8 base is not supported (peft's target_parameters needs the "
-                    "fused expert tensors as plain parameters): use --lora_preset attention, or "
-                    "--lora_target_modules q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj gate_proj up_proj "
-                    "down_proj (shared experts and dense MLPs), or drop --load_in_fp8"
-                )
-            if hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
+            # FP8 experts: `gate_up_proj` / `down_proj` are zero-storage adapter slots over the e4m3 codes
+            if isinstance(module, FrozenFP8Experts) or (
+                hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter)
+            ):
                 parameters += [f"{name}.{p}" for p in EXPERT_PARAMETERS]
     if wanted and leaves and not any(name.rsplit(".", 1)[-1] in leaves for name in modules):
         raise ValueError(f"lora_target_modules={wanted} matches no linear layer of {type(model).__name__}")

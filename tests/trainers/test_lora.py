@@ -125,8 +125,6 @@ def test_lora_over_fp8_base(tmp_path):
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
     assert any("layers.0.self_attn.q_a_proj.lora_A" in n for n in grads)  # gradients flow through FP8 layers
-    with pytest.raises(ValueError, match="routed experts over an FP8 base"):
-        apply_lora(tiny(), LoraArguments(use_peft=True, lora_preset="all", load_in_fp8=True))
 
     # merging into the FP8 base writes an FP8 checkpoint again, which reloads to the merged model
     with torch.no_grad():
@@ -173,5 +171,91 @@ def test_fp8_base_keeps_the_checkpoint_codes(tmp_path):
     assert torch.equal(kv_b.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(kv_b.weight_scale_inv, s)
     experts = inner.layers[2].mlp.experts
     I = experts.intermediate_size
-    assert torch.equal(experts.gate_up_proj[5, I:].view(torch.uint8), up.view(torch.uint8))
+    assert torch.equal(experts.gate_up_proj_fp8[5, I:].view(torch.uint8), up.view(torch.uint8))
     assert torch.equal(experts.gate_up_proj_scale_inv[5, 1:], up_s)
+
+
+def _train(model, steps, seed=1):
+    torch.manual_seed(seed)
+    batches = [torch.randint(3, 300, (4, 16)) for _ in range(2)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lora_on_routed_experts_over_fp8_base(tmp_path):
+    """Preset `all` over an FP8 base: the routed experts stay e4m3 codes, their adapters (peft target_parameters)
+    train like over a BF16 base, and the adapter loads onto an FP8 or a high-precision base."""
+    from peft import PeftModel
+
+    from deepseek_v3.trainers.fp8_base import FrozenFP8Experts, dequantize_base, fp8_base_bytes, quantize_base
+
+    args = LoraArguments(use_peft=True, lora_r=2, lora_preset="all", load_in_fp8=True)
+    bf16 = apply_lora(tiny().to(torch.bfloat16), LoraArguments(use_peft=True, lora_r=2, lora_preset="all"))
+    model = apply_lora(tiny().to(torch.bfloat16), args)
+    assert model._lora_targets["lora_parameters"] == bf16._lora_targets["lora_parameters"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in model._lora_targets["lora_parameters"]
+    experts = [m for m in model.modules() if isinstance(m, FrozenFP8Experts)]
+    assert len(experts) == 3
+    for e in experts:
+        assert e.gate_up_proj_fp8.dtype == e.down_proj_fp8.dtype == torch.float8_e4m3fn
+        # the adapter slots own one element, not a high-precision copy of the experts
+        assert e.gate_up_proj.untyped_storage().nbytes() <= 4 and not e.gate_up_proj.any()
+    bf16_bytes = sum(p.numel() * p.element_size() for n, p in bf16.named_parameters() if "lora_" not in n)
+    assert fp8_base_bytes(model)["total"] <= 0.6 * bf16_bytes
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in bf16.named_parameters() if p.requires_grad}
+
+    fp8_losses, bf16_losses = _train(model, 8), _train(bf16, 8)
+    assert fp8_losses[-1] < fp8_losses[0] - 0.05  # it trains (random-init tiny: slowly) ...
+    assert abs(fp8_losses[-1] - bf16_losses[-1]) <= 0.02 * bf16_losses[-1]  # ... like over the BF16 base
+    lora_b = {n: p for n, p in model.named_parameters() if "experts.base_layer.lora_B" in n and "shared" not in n}
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b.values())  # the routed experts' adapters moved
+
+    # round trip at fp32: the trained adapter on an FP32-compute FP8 base, saved, then loaded onto a fresh FP8 base
+    # and onto the dequantized (FP32) base
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    trained = apply_lora(tiny(), args)
+    state = {k: v.float() for k, v in get_peft_model_state_dict(model).items()}
+    assert any("experts.base_layer.lora_B" in k for k in state)
+    set_peft_model_state_dict(trained, state)
+    trained.eval()
+    x = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        expected = trained(input_ids=x).logits
+    out = tmp_path / "adapter"
+    trained.save_pretrained(str(out))
+    fp8_base = tiny().float()
+    quantize_base(fp8_base)
+    high = tiny().float()
+    quantize_base(high)
+    dequantize_base(high)
+    for base in (fp8_base, high):
+        reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+        with torch.no_grad():
+            assert (reloaded(input_ids=x).logits - expected).abs().max() <= 1e-5
+
+    # merged: dequantize -> merge -> requantize, an FP8 checkpoint that reloads to the trained model
+    merged_dir = save_lora_outputs(trained, str(out), fp8=True)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(merged_dir, "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == torch.float8_e4m3fn
+    merged = trained.base_model.model  # merged in place, before the requantization: == the trained model
+    with torch.no_grad():
+        assert (merged(input_ids=x).logits - expected).abs().max() <= 1e-5
+    reloaded = deepseek_v3.DeepseekV3ForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    for layer in (1, 2, 3):  # the checkpoint holds e4m3(merged experts): only the requantization rounding apart
+        for name in ("gate_up_proj", "down_proj"):
+            want = getattr(merged.model.layers[layer].mlp.experts, name)
+            got = getattr(reloaded.model.layers[layer].mlp.experts, name)
+            assert ((got - want).norm() / want.norm()).item() < 0.05

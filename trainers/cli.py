@@ -16,8 +16,11 @@ SCRIPTS = {
 
 
 def run(args: argparse.Namespace) -> int:
+    from .distributed import finish_distributed
+
     module = importlib.import_module(SCRIPTS[args.script][0])
     module.main(args.script_args)
+    finish_distributed()  # every rank leaves together, with the process group torn down
     return 0
 
 

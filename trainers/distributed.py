@@ -57,4 +57,16 @@ def save_final_model(trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-__all__ = ["save_final_model"]
+def finish_distributed() -> None:
+    """End a multi-process run: wait until every rank is done (rank 0 writes the card, the LoRA outputs, ... after
+    training), then destroy the process group. Without it, a rank that finishes first exits with gloo's threads
+    still alive, and the C++ runtime can abort it at interpreter exit ("terminate called without an active
+    exception", exit code -6) after a run that succeeded. No-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+__all__ = ["finish_distributed", "save_final_model"]

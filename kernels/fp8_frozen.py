@@ -78,6 +78,30 @@ def frozen_fp8_linear(x, q, s, bias=None, mode: str | None = None) -> torch.Tens
     return FrozenFP8LinearFunction.apply(x, q, s, bias, resolve_mode(x, mode), out_dtype)
 
 
+def apply_keeping_fp8(module: nn.Module, fn, recurse: bool, frozen: tuple[str, ...], apply) -> nn.Module:
+    """`module._apply(fn)` (`apply`: the parent class's `_apply`) in which the tensors named in `frozen` (the e4m3
+    codes, their FP32 `*_scale_inv`, zero adapter slots) follow `fn` to its device but never change dtype:
+    `model.to(torch.bfloat16)`, `.half()` or `.float()` would otherwise silently turn the codes into
+    high-precision copies (the memory saving gone) and round the scales. Stride-0 tensors (adapter slots) are
+    rebuilt on the new device instead of copied, so a move never materialises them. A floating cast sets
+    `compute_dtype` (the activation dtype adapters and outputs take)."""
+    keep = {id(t) for name in frozen if (t := getattr(module, name, None)) is not None}
+
+    def move_only(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in keep:
+            return fn(t)
+        device = fn(torch.empty(0, device=t.device)).device
+        if t.dim() and all(stride == 0 for stride in t.stride()):
+            return torch.zeros((), dtype=t.dtype, device=device).expand(t.shape)
+        return t.to(device)
+
+    apply(move_only, recurse)
+    probes = [fn(torch.zeros((), dtype=d)) for d in (torch.float16, torch.bfloat16)]
+    if probes[0].dtype == probes[1].dtype:  # `fn` casts every floating tensor to one dtype
+        module.compute_dtype = probes[0].dtype
+    return module
+
+
 class FrozenFP8Linear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is e4m3 + ``weight_scale_inv`` (128x128 blocks).
 
@@ -116,6 +140,9 @@ class FrozenFP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, mode=self.fp8_mode)
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_fp8(self, fn, recurse, ("weight", "weight_scale_inv"), super()._apply)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``dequant(weight)`` in ``dtype`` (default ``compute_dtype``)."""

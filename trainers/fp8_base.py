@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepseek_v3.kernels.fp8_checkpoint import NOT_QUANTIZED, SCALE_SUFFIX, _read_index
-from deepseek_v3.kernels.fp8_frozen import FrozenFP8Linear, dequant_row_splits, frozen_fp8_grouped_linear, quant_row_splits
+from deepseek_v3.kernels.fp8_frozen import FrozenFP8Linear, apply_keeping_fp8, dequant_row_splits, frozen_fp8_grouped_linear, quant_row_splits
 from deepseek_v3.kernels.fp8_quant import FP8_DTYPE
 from deepseek_v3.moe import DeepseekV3Experts, _grouped_linear
 
@@ -59,15 +59,16 @@ class FrozenFP8Experts(DeepseekV3Experts):
     saved for backward) and, while an adapter is active, adds `x @ delta.T` (the delta is what autograd keeps)."""
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._reset_slots()  # `.to(device)` would materialise the stride-0 slots: rebuild them
+        frozen = tuple(f"{name}{suffix}" for name in ("gate_up_proj", "down_proj") for suffix in ("_fp8", SCALE_SUFFIX, ""))
+        apply_keeping_fp8(self, fn, recurse, frozen, super()._apply)  # codes stay e4m3, scales FP32
+        self._reset_slots()  # the zero slots take the compute dtype
         return self
 
     def _reset_slots(self) -> None:
         for name in ("gate_up_proj", "down_proj"):
             if name in self._parameters:  # not while peft's parametrization holds it
                 codes = getattr(self, name + "_fp8")
-                self._parameters[name] = _adapter_slot(codes, codes.shape, self._parameters[name].dtype)
+                self._parameters[name] = _adapter_slot(codes, codes.shape, self.compute_dtype)
 
     def _adapter_delta(self, name: str) -> torch.Tensor | None:
         if not parametrize.is_parametrized(self, name):

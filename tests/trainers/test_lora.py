@@ -259,3 +259,36 @@ def test_lora_on_routed_experts_over_fp8_base(tmp_path):
             want = getattr(merged.model.layers[layer].mlp.experts, name)
             got = getattr(reloaded.model.layers[layer].mlp.experts, name)
             assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+def test_fp8_base_codes_survive_dtype_casts():
+    """`model.to(dtype)` / `.half()` / `.float()` on a frozen FP8 base move the e4m3 codes and FP32 scales but never
+    cast them (they would silently become high-precision copies, and the scales would be rounded); the compute
+    dtype follows the cast, and the adapter slots stay stride-0."""
+    from deepseek_v3.kernels.fp8_frozen import FrozenFP8Linear
+    from deepseek_v3.kernels.fp8_quant import FP8_DTYPE
+    from deepseek_v3.trainers.fp8_base import FrozenFP8Experts, fp8_base_bytes, quantize_base
+
+    model = tiny().float()
+    quantize_base(model)
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    frozen = {name: t.clone() for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if name.endswith(("_fp8", "scale_inv")) or t.dtype == FP8_DTYPE}
+    assert frozen and fp8_base_bytes(model)["fp8"] > 0
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.to(torch.float64), torch.float64), (lambda m: m.float(), torch.float32)):
+        cast(model)
+        tensors = dict([*model.named_parameters(), *model.named_buffers()])
+        for name, original in frozen.items():
+            assert tensors[name].dtype == original.dtype, (name, tensors[name].dtype)
+            assert torch.equal(tensors[name], original), name
+        for module in model.modules():
+            if isinstance(module, (FrozenFP8Linear, FrozenFP8Experts)):
+                assert module.compute_dtype == dtype
+            if isinstance(module, FrozenFP8Experts):
+                assert module.gate_up_proj.dtype == dtype and set(module.gate_up_proj.stride()) == {0}
+    with torch.no_grad():
+        after = model(input_ids=ids).logits  # embeddings / norms went through a float16 round trip: close, not equal
+    assert (after - before).abs().max() < 0.05 * before.abs().max()

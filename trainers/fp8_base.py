@@ -16,8 +16,9 @@ LoRA on the routed experts over an FP8 base goes through peft's `target_paramete
 live under `gate_up_proj_fp8` / `down_proj_fp8`, and `gate_up_proj` / `down_proj` are zero-storage adapter slots
 (stride-0 zero parameters of the full shape) that peft's `ParamWrapper` parametrizes to the low-rank delta; the
 forward adds `x @ delta.T` to the frozen FP8 product (see `FrozenFP8Experts`). The adapter has the keys and shapes of
-one trained over the BF16 experts and loads onto an FP8 or a high-precision base. Do not cast a converted model
-with `.float()` / `.to(dtype)`: that casts the e4m3 codes too (build the base in the compute dtype first).
+one trained over the BF16 experts and loads onto an FP8 or a high-precision base. Casting a converted model
+(`.float()`, `.to(torch.bfloat16)`, ...) changes the compute dtype only: the e4m3 codes and FP32 scales keep their
+dtype (`deepseek_v3.kernels.fp8_frozen.apply_keeping_fp8`).
 """
 
 from __future__ import annotations

@@ -3,15 +3,14 @@ outside the sandbox's temporary directory changes. Nothing the sandbox started i
 
 import os
 import secrets
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from deepseek_v3.eval.sandbox import run_code, run_many, sandbox_capabilities
+from host_server import listening_server
 
 
 def _live_processes_named(tag: str) -> list[int]:
@@ -149,24 +148,7 @@ def test_writes_never_reach_the_host(tmp_path):
 
 
 def test_network_is_blocked():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    accepted = []
-    stop = threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
+    with listening_server() as (port, accepted):
         programs = [
             f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n",
             f"import socket\ns = socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
@@ -175,10 +157,6 @@ def test_network_is_blocked():
             "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=2)\n",
         ]
         results = [run_code(p + "print('connected')\n", timeout=5) for p in programs]
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
     for res in results:
         assert res.status == "failed" and "connected" not in res.stdout, res
     if sandbox_capabilities()["network_isolated"]:

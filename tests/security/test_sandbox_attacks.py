@@ -8,8 +8,6 @@ contained (no host secret or test code in its output, no connection, no host fil
 
 import os
 import secrets
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from deepseek_v3.eval.base import get_task
 from deepseek_v3.eval.sandbox import run_code, sandbox_capabilities
 from deepseek_v3.trainers import rewards
+from host_server import listening_server
 
 TAG = "atk" + secrets.token_hex(4)  # process names / file names used by the attacks, to look for leftovers
 WRONG = "    return None\n\n"
@@ -129,32 +128,13 @@ def outcome(tmp_path_factory, data_dir):
     secret_file.write_text(secret)
     os.chmod(secret_file, 0o600)
     os.chmod(secret_dir, 0o700)
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    accepted, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept)
-    thread.start()
     task = get_task("humaneval", data_dir=data_dir, timeout=4.0, workers=8, progress=False)
     doc = task.docs()[0]
-    attacks = _attacks(secret_file, server.getsockname()[1])
-    items = [(doc, c) for c in attacks.values()] + [(doc, doc["canonical_solution"])]
-    start = time.monotonic()
-    try:
+    with listening_server() as (port, accepted):
+        attacks = _attacks(secret_file, port)
+        items = [(doc, c) for c in attacks.values()] + [(doc, doc["canonical_solution"])]
+        start = time.monotonic()
         results = task.score_batch(items)
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
     elapsed = time.monotonic() - start
     leftovers = {"processes": _live(TAG), "files": _leftover_files()}
     end = time.monotonic() + 5

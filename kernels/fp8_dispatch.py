@@ -403,16 +403,9 @@ def _grouped_scaled_mm(a, a_s, b, b_s, offs, out_dtype):
 
 def _grouped_loop(a, a_s, b, b_s, offs, out_dtype):
     """One dense :func:`fp8_gemm` per expert (each dispatched by the dense rule); rows past ``offs[-1]`` are 0."""
-    from .fp8_gemm import fp8_gemm
+    from .fp8_gemm import fp8_gemm, grouped_gemm_per_expert
 
-    M, N = a.shape[0], b.shape[1]
-    out = torch.zeros((M, N), dtype=out_dtype, device=a.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = fp8_gemm(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
-        start = end
-    return out
+    return grouped_gemm_per_expert(fp8_gemm, a, a_s, b, b_s, offs, out_dtype)
 
 
 def _grouped_triton(a, a_s, b, b_s, offs, out_dtype):

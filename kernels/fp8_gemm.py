@@ -89,16 +89,22 @@ def fp8_gemm_torch(a, a_s, b, b_s, out_dtype: torch.dtype = torch.bfloat16) -> t
     return acc.to(out_dtype)
 
 
-def fp8_grouped_gemm_torch(a, a_s, b, b_s, offs, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Reference for :func:`fp8_grouped_gemm`: one :func:`fp8_gemm_torch` per expert's row range."""
+def grouped_gemm_per_expert(gemm, a, a_s, b, b_s, offs, out_dtype: torch.dtype) -> torch.Tensor:
+    """A grouped GEMM as one dense ``gemm(a_rows, a_s_rows, b[e], b_s[e], out_dtype)`` per expert's row range
+    (``offs``: cumulative row ends); rows past ``offs[-1]`` are 0."""
     M, N = a.shape[0], b.shape[1]
     out = torch.zeros((M, N), dtype=out_dtype, device=a.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = fp8_gemm_torch(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
+            out[start:end] = gemm(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
         start = end
     return out
+
+
+def fp8_grouped_gemm_torch(a, a_s, b, b_s, offs, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Reference for :func:`fp8_grouped_gemm`: one :func:`fp8_gemm_torch` per expert's row range."""
+    return grouped_gemm_per_expert(fp8_gemm_torch, a, a_s, b, b_s, offs, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def apply_keeping_fp8(module: nn.Module, fn, recurse: bool, frozen: tuple[str, .
     high-precision copies (the memory saving gone) and round the scales. Stride-0 tensors (adapter slots) are
     rebuilt on the new device instead of copied, so a move never materialises them. A floating cast sets
     `compute_dtype` (the activation dtype adapters and outputs take)."""
-    keep = {id(t) for name in frozen if (t := getattr(module, name, None)) is not None}
+    # the raw tensors only: `getattr` on a name an adapter parametrizes would compute the adapted weight
+    keep = {id(t) for name in frozen if (t := module._parameters.get(name, module._buffers.get(name))) is not None}
 
     def move_only(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in keep:

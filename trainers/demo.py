@@ -519,6 +519,7 @@ class Demo:
         phases, acc = s["phases"], s["accuracy"]
         dirs = {"pretrain": self.pretrain_dir, "sft": self.sft_dir, "grpo": self.final_dir}
         training: dict = {}
+        gamma = 0.0  # balancing was on in a checkpoint if any phase up to it ran it
         for phase, (label, pipeline) in self.CARD_PHASES.items():
             info = phases[phase]
             training[f"{label}: optimizer steps"] = info["steps"]
@@ -529,7 +530,7 @@ class Demo:
                 training[f"{label}: final MTP loss"] = info["final"]["mtp_loss"]
             training[f"{label}: final MaxVio"] = info["maxvio"]["last"]
             training[f"{label}: balancing gamma"] = info["balancing_gamma"]
-            gammas = [phases[p]["balancing_gamma"] for p in list(self.CARD_PHASES)[: list(self.CARD_PHASES).index(phase) + 1]]
+            gamma = max(gamma, info["balancing_gamma"])
             figures = dict(training)
             evals = {"arithmetic": {"accuracy": acc[phase]["greedy"], "pass@1_sampled": acc[phase]["pass@1_sampled"],
                                     "num_docs": acc[phase]["num_problems"]}}
@@ -541,7 +542,7 @@ class Demo:
                     evals[name] = {"accuracy": r["accuracy"], "num_docs": r["num_problems"]}
             write_model_card(
                 dirs[phase], base_model=None, recipe={"command": "deepseek-v3 demo", "phase": phase, **asdict(self.args)},
-                training=figures, balancing_gamma=max(gammas), eval_results=evals, datasets=None,
+                training=figures, balancing_gamma=gamma, eval_results=evals, datasets=None,
                 pipeline=pipeline, tags=["trl", "demo"] + (["sft"] if phase == "sft" else ["grpo"] if phase == "grpo" else []),
                 name=f"deepseek-v3-demo-{phase}",
             )

@@ -161,8 +161,6 @@ def add_balancing_callback(trainer, config: BalancingConfig | None = None, **kwa
     return callback
 
 
-__all__ = ["MoEBalancingCallback", "add_balancing_callback", "STATE_FILE"]
-
 
 class HeldOutMetricCallback(TrainerCallback):
     """Logs a held-out figure (`key`: `metric()`) through `trainer.log` at the start and the end of training, and
@@ -192,3 +190,6 @@ class HeldOutMetricCallback(TrainerCallback):
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, self.filename), "w") as f:
                 json.dump(self.history, f, indent=2)
+
+
+__all__ = ["HeldOutMetricCallback", "MoEBalancingCallback", "add_balancing_callback", "STATE_FILE"]

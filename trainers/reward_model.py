@@ -41,11 +41,6 @@ class RewardScriptArguments(ModelArguments, DataArguments):
                                                               "pairwise accuracy (0 = none)"})
 
 
-def build_preference_dataset(args: RewardScriptArguments):
-    """The training pairs (a `datasets.Dataset`)."""
-    return build_preference_datasets(args)[0]
-
-
 def build_preference_datasets(args: RewardScriptArguments):
     """(train, held-out or None); the held-out pairs exist for the synthetic task (problems not in training)."""
     import datasets

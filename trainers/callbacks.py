@@ -161,7 +161,6 @@ def add_balancing_callback(trainer, config: BalancingConfig | None = None, **kwa
     return callback
 
 
-
 class HeldOutMetricCallback(TrainerCallback):
     """Logs a held-out figure (`key`: `metric()`) through `trainer.log` at the start and the end of training, and
     every `every` optimizer steps in between; the history goes to `output_dir/filename` on the main process at the

@@ -507,9 +507,11 @@ class Demo:
             paths.append(shutil.copy(heatmap, self.plots_dir / "expert_load_pretrain.png"))
         self.summary["plots"] = [str(p) for p in paths]
 
-    CARD_PHASES = {"pretrain": ("pretrain", "pre-training (next-token + MTP) demo"),
-                   "sft": ("SFT", "pre-training + SFT demo"),
-                   "grpo": ("GRPO", "pre-training + SFT + GRPO demo")}
+    CARD_PHASES = {  # phase: (label in the card's figures, pipeline, tags)
+        "pretrain": ("pretrain", "pre-training (next-token + MTP) demo", ["trl", "demo"]),
+        "sft": ("SFT", "pre-training + SFT demo", ["trl", "demo", "sft"]),
+        "grpo": ("GRPO", "pre-training + SFT + GRPO demo", ["trl", "demo", "grpo"]),
+    }
 
     def write_cards(self) -> None:
         """A model card in every phase's checkpoint (`pretrain/`, `sft/`, `final/`): the figures of the phases up to
@@ -521,7 +523,7 @@ class Demo:
         dirs = {"pretrain": self.pretrain_dir, "sft": self.sft_dir, "grpo": self.final_dir}
         training: dict = {}
         gamma = 0.0  # balancing was on in a checkpoint if any phase up to it ran it
-        for phase, (label, pipeline) in self.CARD_PHASES.items():
+        for phase, (label, pipeline, tags) in self.CARD_PHASES.items():
             info = phases[phase]
             training[f"{label}: optimizer steps"] = info["steps"]
             if phase == "grpo":
@@ -544,7 +546,7 @@ class Demo:
             write_model_card(
                 dirs[phase], base_model=None, recipe={"command": "deepseek-v3 demo", "phase": phase, **asdict(self.args)},
                 training=figures, balancing_gamma=gamma, eval_results=evals, datasets=None,
-                pipeline=pipeline, tags=["trl", "demo"] + (["sft"] if phase == "sft" else ["grpo"] if phase == "grpo" else []),
+                pipeline=pipeline, tags=tags,
                 name=f"deepseek-v3-demo-{phase}",
             )
 

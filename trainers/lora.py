@@ -84,8 +84,6 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def resolve_targets(model: nn.Module, args: LoraArguments) -> tuple[list[str], list[str]]:
     """(full module names for `target_modules`, parameter names for `target_parameters`) for `model`."""
-    from .fp8_base import FrozenFP8Experts
-
     if args.lora_preset not in PRESETS:
         raise ValueError(f"lora_preset={args.lora_preset!r}: use one of {', '.join(PRESETS)}")
     wanted = args.lora_target_modules
@@ -121,10 +119,9 @@ def resolve_targets(model: nn.Module, args: LoraArguments) -> tuple[list[str], l
     parameters = []
     if routed:
         for name, module in model.named_modules():
-            # FP8 experts: `gate_up_proj` / `down_proj` are zero-storage adapter slots over the e4m3 codes
-            if isinstance(module, FrozenFP8Experts) or (
-                hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter)
-            ):
+            # fused experts; over an FP8 base (`fp8_base.FrozenFP8Experts`) `gate_up_proj` / `down_proj` are the
+            # zero-storage adapter-slot parameters over the e4m3 codes
+            if isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
                 parameters += [f"{name}.{p}" for p in EXPERT_PARAMETERS]
     if wanted and leaves and not any(name.rsplit(".", 1)[-1] in leaves for name in modules):
         raise ValueError(f"lora_target_modules={wanted} matches no linear layer of {type(model).__name__}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepseek_v3.cli import main as cli_main
-from deepseek_v3.trainers.arithmetic_task import ArithmeticTask, make_splits
+from deepseek_v3.trainers.arithmetic_task import ArithmeticTask, make_splits, reasoning_style
 from deepseek_v3.trainers.demo import check_reloaded_logits
 from deepseek_v3.trainers.model_card import read_front_matter
 from deepseek_v3.trainers.rewards import format_reward, math_accuracy_reward
@@ -26,6 +26,22 @@ def test_task_split_is_disjoint_and_solutions_score_correct():
     assert format_reward(solutions) == [1.0] * 40
     wrong = [s.replace(f"\\boxed{{{a}}}", f"\\boxed{{{int(a) + 1}}}") for s, a in zip(solutions, answers)]
     assert not any(task.score_one(p, w)["correct"] for p, w in zip(heldout, wrong))
+
+
+def test_reasoning_styles_mix_without_changing_the_problems():
+    worked, _ = make_splits(400, 40, seed=3)
+    mixed, heldout = make_splits(400, 40, seed=3, worked_fraction=0.5)
+    assert [p["question"] for p in mixed] == [p["question"] for p in worked]  # same problems, other solutions
+    assert {p["style"] for p in worked} == {"worked"}
+    assert 150 < sum(p["style"] == "worked" for p in mixed) < 250
+    for p in mixed:
+        assert reasoning_style(p["solution"]) == p["style"]
+        assert math_accuracy_reward([p["solution"]], answer=[p["answer"]]) == [1.0]
+    terse = next(p for p in mixed if p["style"] == "terse")
+    assert terse["solution"] == f"<think>{terse['program']}={terse['answer']}</think> \\boxed{{{terse['answer']}}}"
+    assert reasoning_style("\\boxed{3}") == "terse"
+    with pytest.raises(ValueError, match="worked_fraction=1.5"):
+        make_splits(10, 4, worked_fraction=1.5)
 
 
 def test_reloaded_logits_check():
@@ -59,6 +75,8 @@ def test_demo_quick_end_to_end(tmp_path, data_dir, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok"
     assert set(summary["accuracy"]) == {"init", "pretrain", "sft", "grpo"}
+    styles = summary["accuracy"]["sft"]["styles"]["sampled"]
+    assert 0.0 <= styles["worked_share"] <= 1.0 and set(styles) == {"worked_share", "accuracy_worked", "accuracy_terse"}
     for phase in ("pretrain", "sft"):
         final = summary["phases"][phase]["final"]
         assert final["main_loss"] > 0 and final["mtp_loss"] > 0

@@ -48,7 +48,9 @@ class DemoArguments:
     data_dir: str | None = None
     quick: bool = False
     seed: int = 0
-    threads: int = 1  # torch intra-op threads (1: no OpenMP barrier stalls on small shared CPUs; 0: torch's default)
+    # torch intra-op threads. 1: no OpenMP barrier stalls when other work shares a small CPU; 2 is 1.5x faster on an
+    # idle 2-core machine and 1.8x slower with one competing process (docs/demo.md); 0: torch's default
+    threads: int = 1
     # model size: the `tiny` config's architecture (MLA, DeepSeekMoE with sigmoid group-limited routing, 1 MTP
     # module), widened to fit the task and the time budget
     config: str = "tiny"
@@ -66,6 +68,9 @@ class DemoArguments:
     # task
     num_train: int = 4000
     num_heldout: int = 256  # one problem is 0.4 points
+    # share of training solutions that write each step's result down; the rest give the whole sum in one go (a
+    # mix gave GRPO no better style to select: the tiny model computes both about equally well; docs/demo.md)
+    worked_fraction: float = 1.0
     # phases
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
@@ -136,6 +141,17 @@ def check_reloaded_logits(trained, reloaded, batch: dict, tolerance: float = LOG
         raise RuntimeError(f"the reloaded model's logits differ from the trained model's by {diff:.3g} "
                            f"(> {tolerance}): save_pretrained / from_pretrained lost or changed weights")
     return diff
+
+
+def style_breakdown(rows: list[dict]) -> dict:
+    """Share of worked completions among evaluated `rows` and the accuracy of each reasoning style."""
+    from .arithmetic_task import reasoning_style
+
+    by_style = {"worked": [], "terse": []}
+    for row in rows:
+        by_style[reasoning_style(row["completion"])].append(bool(row["correct"]))
+    return {"worked_share": len(by_style["worked"]) / max(1, len(rows)),
+            **{f"accuracy_{style}": (sum(v) / len(v) if v else None) for style, v in by_style.items()}}
 
 
 def log_series(log_history: list[dict], key: str, step_offset: int = 0) -> list[list[float]]:
@@ -212,13 +228,15 @@ class Demo:
         from .arithmetic_task import make_splits, pretraining_text, write_jsonl
 
         a = self.args
-        self.train, self.heldout = make_splits(a.num_train, a.num_heldout, seed=a.seed)
+        self.train, self.heldout = make_splits(a.num_train, a.num_heldout, seed=a.seed,
+                                               worked_fraction=a.worked_fraction)
         self.train_file = write_jsonl(self.train, self.out / "data" / "train.jsonl")
         write_jsonl(self.heldout, self.out / "data" / "heldout.jsonl")
         self.pretrain_texts = [pretraining_text(p) for p in self.train]
         self.summary["task"] = {
             "kind": "two-step arithmetic word problems, \\boxed{} answers",
             "num_train": len(self.train), "num_heldout": len(self.heldout),
+            "worked_fraction": sum(p["style"] == "worked" for p in self.train) / len(self.train),
             "example_question": self.train[0]["question"], "example_solution": self.train[0]["solution"],
         }
 
@@ -377,7 +395,7 @@ class Demo:
         """Held-out accuracy of the phase's checkpoint: greedy and pass@1 over `eval_samples` sampled completions."""
         from deepseek_v3.eval.runner import evaluate_task
 
-        from .arithmetic_task import ArithmeticTask
+        from .arithmetic_task import ArithmeticTask, read_jsonl
 
         a = self.args
         model_dir = {"init": self.init_dir, "pretrain": getattr(self, "pretrain_dir", None),
@@ -391,8 +409,8 @@ class Demo:
         sampled = evaluate_task(task, backend, output_dir=eval_dir / "sampled", num_samples=a.eval_samples,
                                 max_new_tokens=a.max_new_tokens, temperature=a.eval_temperature, top_p=0.95,
                                 batch_size=64)
-        with open(eval_dir / "greedy" / task.name / "samples.jsonl") as f:
-            rows = [json.loads(line) for line in f]
+        rows, sampled_rows = (read_jsonl(eval_dir / kind / task.name / "samples.jsonl")
+                              for kind in ("greedy", "sampled"))
         example = rows[0]
         solved = sorted(r["task_id"] for r in rows if r["correct"])
         self.summary["accuracy"][phase] = {
@@ -401,6 +419,7 @@ class Demo:
             "num_problems": greedy["num_docs"],
             "samples_per_problem": a.eval_samples,
             "temperature": a.eval_temperature,
+            "styles": {"greedy": style_breakdown(rows), "sampled": style_breakdown(sampled_rows)},
             "example": {"question": example["prompt"][-1]["content"], "completion": example["completion"]},
             "solved_greedy": solved,
         }
@@ -411,7 +430,8 @@ class Demo:
             self.summary["accuracy"][phase]["vs_previous_greedy"] = {
                 "phase": previous, "gained": len(set(solved) - before), "lost": len(before - set(solved))}
         print(f"[{phase}] held-out accuracy: greedy {greedy['metrics']['accuracy']:.3f}, "
-              f"pass@1 (T={a.eval_temperature}, {a.eval_samples} samples) {sampled['metrics']['accuracy']:.3f}")
+              f"pass@1 (T={a.eval_temperature}, {a.eval_samples} samples) {sampled['metrics']['accuracy']:.3f}; "
+              f"worked reasoning in {style_breakdown(sampled_rows)['worked_share']:.0%} of sampled completions")
         self.write_summary()
 
     def real_benchmarks(self) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from deepseek_v3.cli import main as cli_main
 from deepseek_v3.trainers.arithmetic_task import ArithmeticTask, make_splits, reasoning_style
-from deepseek_v3.trainers.demo import check_reloaded_logits
+from deepseek_v3.trainers.demo import check_reloaded_logits, sign_test_p
 from deepseek_v3.trainers.model_card import read_front_matter
 from deepseek_v3.trainers.rewards import format_reward, math_accuracy_reward
 
@@ -42,6 +42,12 @@ def test_reasoning_styles_mix_without_changing_the_problems():
     assert reasoning_style("\\boxed{3}") == "terse"
     with pytest.raises(ValueError, match="worked_fraction=1.5"):
         make_splits(10, 4, worked_fraction=1.5)
+
+
+def test_sign_test():
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(5, 5) == 1.0
+    assert sign_test_p(10, 0) == sign_test_p(0, 10) == 2 / 1024
+    assert abs(sign_test_p(18, 11) - 0.2649) < 1e-4  # binomial(29, 1/2): 2 * P(X <= 11)
 
 
 def test_reloaded_logits_check():

@@ -143,6 +143,13 @@ def check_reloaded_logits(trained, reloaded, batch: dict, tolerance: float = LOG
     return diff
 
 
+def sign_test_p(gained: int, lost: int) -> float:
+    """Exact two-sided sign test on paired outcomes: the chance, if a phase changed nothing but noise (each changed
+    problem equally likely to go either way), of a split at least as uneven as `gained` / `lost`."""
+    n, k = gained + lost, min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
 def style_breakdown(rows: list[dict]) -> dict:
     """Share of worked completions among evaluated `rows` and the accuracy of each reasoning style."""
     from .arithmetic_task import reasoning_style
@@ -427,8 +434,9 @@ class Demo:
         if previous in self.summary["accuracy"]:
             # paired on the same problems: how many the phase newly solved and how many it lost (greedy)
             before = set(self.summary["accuracy"][previous]["solved_greedy"])
+            gained, lost = len(set(solved) - before), len(before - set(solved))
             self.summary["accuracy"][phase]["vs_previous_greedy"] = {
-                "phase": previous, "gained": len(set(solved) - before), "lost": len(before - set(solved))}
+                "phase": previous, "gained": gained, "lost": lost, "sign_test_p": sign_test_p(gained, lost)}
         print(f"[{phase}] held-out accuracy: greedy {greedy['metrics']['accuracy']:.3f}, "
               f"pass@1 (T={a.eval_temperature}, {a.eval_samples} samples) {sampled['metrics']['accuracy']:.3f}; "
               f"worked reasoning in {style_breakdown(sampled_rows)['worked_share']:.0%} of sampled completions")
@@ -624,7 +632,7 @@ def format_summary(summary: dict) -> str:
         if change:
             lines.append(f"greedy, paired on the {a['grpo']['num_problems']} held-out problems: GRPO newly solved "
                          f"{change['gained']} and lost {change['lost']} of SFT's (one problem = "
-                         f"{1 / a['grpo']['num_problems']:.3f})")
+                         f"{1 / a['grpo']['num_problems']:.3f}; two-sided sign test p = {change['sign_test_p']:.2g})")
     if "wall_seconds" in summary:
         lines.append(f"wall time {summary['wall_seconds']:.0f} s; summary.json, plots/ and final/ in "
                      f"{summary['args']['output_dir']}")

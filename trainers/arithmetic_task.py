@@ -98,11 +98,6 @@ def pretraining_text(problem: dict) -> str:
     return f"{problem['question']}\n{problem['solution']}"
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_jsonl(rows: list[dict], path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

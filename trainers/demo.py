@@ -400,9 +400,10 @@ class Demo:
 
     def evaluate(self, phase: str) -> None:
         """Held-out accuracy of the phase's checkpoint: greedy and pass@1 over `eval_samples` sampled completions."""
+        from deepseek_v3.eval.data import read_jsonl
         from deepseek_v3.eval.runner import evaluate_task
 
-        from .arithmetic_task import ArithmeticTask, read_jsonl
+        from .arithmetic_task import ArithmeticTask
 
         a = self.args
         model_dir = {"init": self.init_dir, "pretrain": getattr(self, "pretrain_dir", None),
@@ -420,13 +421,14 @@ class Demo:
                               for kind in ("greedy", "sampled"))
         example = rows[0]
         solved = sorted(r["task_id"] for r in rows if r["correct"])
+        styles = {"greedy": style_breakdown(rows), "sampled": style_breakdown(sampled_rows)}
         self.summary["accuracy"][phase] = {
             "greedy": greedy["metrics"]["accuracy"],
             "pass@1_sampled": sampled["metrics"]["accuracy"],
             "num_problems": greedy["num_docs"],
             "samples_per_problem": a.eval_samples,
             "temperature": a.eval_temperature,
-            "styles": {"greedy": style_breakdown(rows), "sampled": style_breakdown(sampled_rows)},
+            "styles": styles,
             "example": {"question": example["prompt"][-1]["content"], "completion": example["completion"]},
             "solved_greedy": solved,
         }
@@ -439,7 +441,7 @@ class Demo:
                 "phase": previous, "gained": gained, "lost": lost, "sign_test_p": sign_test_p(gained, lost)}
         print(f"[{phase}] held-out accuracy: greedy {greedy['metrics']['accuracy']:.3f}, "
               f"pass@1 (T={a.eval_temperature}, {a.eval_samples} samples) {sampled['metrics']['accuracy']:.3f}; "
-              f"worked reasoning in {style_breakdown(sampled_rows)['worked_share']:.0%} of sampled completions")
+              f"worked reasoning in {styles['sampled']['worked_share']:.0%} of sampled completions")
         self.write_summary()
 
     def real_benchmarks(self) -> None:

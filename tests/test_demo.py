@@ -121,3 +121,24 @@ def test_demo_quick_end_to_end(tmp_path, data_dir, capsys):
         assert change["phase"] == before
         assert len(acc[before]["solved_greedy"]) + change["gained"] - change["lost"] == len(acc[after]["solved_greedy"])
         assert round(len(acc[after]["solved_greedy"]) / acc[after]["num_problems"], 6) == round(acc[after]["greedy"], 6)
+
+
+def test_demo_restores_the_thread_count(tmp_path, monkeypatch):
+    """`--threads` applies to the demo's run only: the caller's torch thread count is back afterwards, also when a
+    phase fails."""
+    import torch
+
+    from deepseek_v3.trainers.demo import Demo, DemoArguments
+
+    seen = []
+
+    def failing_task(self):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop after the thread count was set")
+
+    monkeypatch.setattr(Demo, "phase_task", failing_task)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="stop after"):
+        Demo(DemoArguments(output_dir=str(tmp_path), threads=before + 1)).run()
+    assert seen == [before + 1]
+    assert torch.get_num_threads() == before

@@ -198,11 +198,19 @@ class Demo:
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every phase in order; the process's torch thread count is set for the run and restored afterwards."""
+        previous_threads = torch.get_num_threads()
+        if self.args.threads > 0:
+            torch.set_num_threads(self.args.threads)
+        try:
+            return self._run_phases()
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _run_phases(self) -> dict:
         from transformers import set_seed
 
         set_seed(self.args.seed)
-        if self.args.threads > 0:
-            torch.set_num_threads(self.args.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         self.plots_dir.mkdir(exist_ok=True)
         start = time.monotonic()
